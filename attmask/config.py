@@ -1,0 +1,386 @@
+"""Typed experiment configuration: YAML presets + ``key=value`` overrides, validated once.
+
+Every section is a dataclass whose defaults follow the AttMask README recipe for ViT-S/16 on the
+20 % ImageNet subset (Kakogeorgiou et al., ECCV 2022; see ``configs/paper-20pct-in1k.yaml``).
+Presets in ``configs/`` override only what differs. Validation runs before any work starts and
+raises :class:`ConfigError` naming the dotted field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from attmask.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "configs"
+
+ARCHS = {  # name -> (embed_dim, depth, num_heads), the DeiT/DINO ViT sizes
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"
+    depth: Optional[int] = None  # None: the arch's depth
+    image_size: int = 224
+    local_image_size: int = 96
+    patch_size: int = 16
+    drop_path: float = 0.1
+    out_dim: int = 8192
+    shared_head: bool = True
+    patch_out_dim: int = 8192  # only used when shared_head is false
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = False
+
+    def validate(self, p: str) -> None:
+        _choice(f"{p}.arch", self.arch, list(ARCHS))
+        if self.depth is not None:
+            _range(f"{p}.depth", self.depth, 1, 48)
+        _range(f"{p}.patch_size", self.patch_size, 1, 64)
+        for name in ("image_size", "local_image_size"):
+            size = getattr(self, name)
+            if size <= 0 or size % self.patch_size:
+                raise ConfigError(
+                    f"{p}.{name}={size}: must be a positive multiple of "
+                    f"{p}.patch_size={self.patch_size}")
+        _range(f"{p}.drop_path", self.drop_path, 0.0, 1.0)
+        for name in ("out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
+            _range(f"{p}.{name}", getattr(self, name), 1, 1 << 20)
+        _range(f"{p}.head_layers", self.head_layers, 1, 8)
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        dim, depth, heads = ARCHS[self.arch]
+        return dim, self.depth or depth, heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size // self.patch_size, self.image_size // self.patch_size
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "attmask_high"
+    ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    prob: float = 0.5
+    show_max: float = 0.1
+    num_hints: Optional[int] = None  # None: derived from show_max and a second ratio draw
+    layer: int = -1  # teacher block whose [CLS] attention ranks patches
+    head_reduce: Literal["mean", "max"] = "mean"
+    ratio_per: Literal["image", "batch"] = "image"
+
+    def validate(self, p: str, depth: int) -> None:
+        from attmask import masking
+
+        _choice(f"{p}.strategy", self.strategy, masking.available())
+        if len(self.ratio) != 2:
+            raise ConfigError(f"{p}.ratio={self.ratio}: must be a pair [low, high]")
+        if not 0.0 <= self.ratio[0] <= self.ratio[1] <= 1.0:
+            raise ConfigError(f"{p}.ratio={self.ratio}: need 0 <= low <= high <= 1")
+        _range(f"{p}.prob", self.prob, 0.0, 1.0)
+        _range(f"{p}.show_max", self.show_max, 0.0, 1.0)
+        if self.num_hints is not None:
+            _range(f"{p}.num_hints", self.num_hints, 0, 1 << 16)
+        if not -depth <= self.layer < depth:
+            raise ConfigError(f"{p}.layer={self.layer}: allowed range is [{-depth}, {depth - 1}] "
+                              f"for a {depth}-block model")
+
+    def masker_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(ratio=tuple(self.ratio), prob=self.prob, ratio_per=self.ratio_per)
+        if self.strategy == "attmask_hint":
+            kw.update(show_max=self.show_max, num_hints=self.num_hints)
+        return kw
+
+
+@dataclass
+class LossConfig:
+    framework: Literal["ibot", "dino"] = "ibot"
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    center_momentum: float = 0.9
+    # Share of patches (per image) that feed the patch centre. 1.0 = all patches, exactly as iBOT;
+    # smaller values run the teacher head on fewer tokens (an unbiased, noisier centre estimate).
+    patch_center_sample: float = 1.0
+
+    def validate(self, p: str) -> None:
+        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp",
+                     "warmup_teacher_patch_temp", "teacher_patch_temp"):
+            _range(f"{p}.{name}", getattr(self, name), 1e-4, 10.0)
+        _range(f"{p}.warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs, 0, 10_000)
+        _range(f"{p}.lambda1", self.lambda1, 0.0, 100.0)
+        _range(f"{p}.lambda2", self.lambda2, 0.0, 100.0)
+        _range(f"{p}.center_momentum", self.center_momentum, 0.0, 1.0)
+        if not 0.0 < self.patch_center_sample <= 1.0:
+            raise ConfigError(f"{p}.patch_center_sample={self.patch_center_sample}: "
+                              "allowed range is (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # at a total batch of `lr_batch_reference`, scaled linearly
+    lr_batch_reference: int = 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per tensor, 0 disables
+    freeze_last_layer: int = 1  # epochs
+    momentum_teacher: float = 0.99
+
+    def validate(self, p: str) -> None:
+        _range(f"{p}.lr", self.lr, 0.0, 10.0)
+        _range(f"{p}.lr_batch_reference", self.lr_batch_reference, 1, 1 << 20)
+        _range(f"{p}.min_lr", self.min_lr, 0.0, 10.0)
+        _range(f"{p}.warmup_epochs", self.warmup_epochs, 0, 10_000)
+        _range(f"{p}.weight_decay", self.weight_decay, 0.0, 10.0)
+        _range(f"{p}.weight_decay_end", self.weight_decay_end, 0.0, 10.0)
+        _range(f"{p}.clip_grad", self.clip_grad, 0.0, 1e6)
+        _range(f"{p}.freeze_last_layer", self.freeze_last_layer, 0, 10_000)
+        _range(f"{p}.momentum_teacher", self.momentum_teacher, 0.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size_per_worker: int = 60
+    steps_per_epoch: Optional[int] = None  # None: train-split size // global batch
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    seed: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    checkpoint_keep: int = 2
+    run_name: Optional[str] = None
+    output_dir: str = "runs"
+
+    def validate(self, p: str) -> None:
+        _range(f"{p}.epochs", self.epochs, 1, 100_000)
+        _range(f"{p}.batch_size_per_worker", self.batch_size_per_worker, 1, 1 << 16)
+        if self.steps_per_epoch is not None:
+            _range(f"{p}.steps_per_epoch", self.steps_per_epoch, 1, 1 << 30)
+        _range(f"{p}.log_every_steps", self.log_every_steps, 1, 1 << 30)
+        _range(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 30)
+        _range(f"{p}.checkpoint_keep", self.checkpoint_keep, 1, 1000)
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # a shard directory with dataset.json (prepare-data output)
+    split: str = "train"
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    local_crops_number: int = 6
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    verify_checksums: bool = True
+    max_corrupt_fraction: float = 0.01
+
+    def validate(self, p: str) -> None:
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+                raise ConfigError(f"{p}.{name}={lo_hi}: need [low, high] with 0 < low <= high <= 1")
+        _range(f"{p}.local_crops_number", self.local_crops_number, 0, 64)
+        _range(f"{p}.num_workers", self.num_workers, 0, 256)
+        _range(f"{p}.shuffle_buffer", self.shuffle_buffer, 0, 1 << 24)
+        _range(f"{p}.max_corrupt_fraction", self.max_corrupt_fraction, 0.0, 1.0)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite database under the storage path
+    experiment: str = "attmask"
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: int = 1
+    storage_path: Optional[str] = None  # None: <train.output_dir>/ray
+    max_failures: int = 0
+
+    def validate(self, p: str) -> None:
+        _range(f"{p}.num_workers", self.num_workers, 1, 4096)
+        _range(f"{p}.cpus_per_worker", self.cpus_per_worker, 1, 1024)
+        _range(f"{p}.max_failures", self.max_failures, -1, 1000)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.masking.validate("masking", self.model.dims[1])
+        self.loss.validate("loss")
+        self.optim.validate("optim")
+        self.train.validate("train")
+        self.data.validate("data")
+        self.ray.validate("ray")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset name or a YAML file plus overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None and path is not None:
+        raise ConfigError("give either --preset or --config, not both")
+    if preset is not None:
+        path = preset_path(preset)
+    if path is not None:
+        data = read_yaml(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return from_dict(data).validate()
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {name!r} not found ({path}); available: {', '.join(known)}")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML") from exc
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r}: expected section.field, e.g. masking.ratio")
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]}: must be a mapping")
+    section[parts[1]] = value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"unknown config key {where!r}; allowed: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r}: expected a list, e.g. [0.1, 0.5]")
+        return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in this module, not input
+
+
+def _range(path: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{path}={value}: allowed range is [{lo}, {hi}]")
+
+
+def _choice(path: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r}: allowed values are {', '.join(allowed)}")

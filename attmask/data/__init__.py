@@ -1,0 +1,1 @@
+"""Datasets as WebDataset shards: sources, shard writer/manifest, transforms and streams."""

@@ -1,0 +1,217 @@
+"""WebDataset tar shards and their ``dataset.json`` manifest.
+
+Layout: ``DIR/<split>-%06d.tar`` holding per sample ``<key>.png|jpg`` (image), ``<key>.cls``
+(label), optionally ``<key>.fg.png`` (foreground mask) and ``<key>.json`` (metadata), plus
+``DIR/dataset.json``::
+
+    {"format": "attmask-shards/1", "classes": [...], "image_size": PX,
+     "splits": {SPLIT: {"num_samples": N, "shards": [{"file", "num_samples", "sha256"}]}},
+     "source": ..., "args": {...}}
+
+The manifest is written last, so its presence means the shards are complete; re-running with the
+same arguments finds it and does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from attmask.data.sources import Sample, SourceSpec
+from attmask.errors import DataError
+
+MANIFEST = "dataset.json"
+FORMAT = "attmask-shards/1"
+MAX_DEFAULT_SHARD = 5000
+
+
+def default_shard_size(num_samples: int) -> int:
+    """At least 8 shards per split where the split has at least 8 samples."""
+    return max(1, min(MAX_DEFAULT_SHARD, math.ceil(num_samples / 8)))
+
+
+def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[str, Any],
+                 shard_size: Optional[int] = None) -> tuple[dict, bool]:
+    """Write every split of ``spec`` to ``out``; returns (manifest, written).
+
+    ``written`` is False when a manifest for the same source and arguments already exists and all
+    its shards are present (nothing is redone).
+    """
+    out = Path(out)
+    existing = out / MANIFEST
+    if existing.is_file():
+        try:
+            old = json.loads(existing.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old and old.get("source") == source and old.get("args") == args and all(
+                (out / s["file"]).is_file() for sp in old["splits"].values() for s in sp["shards"]):
+            return old, False
+        existing.unlink()  # stale: it no longer describes what is about to be written
+    out.mkdir(parents=True, exist_ok=True)
+    splits, has_fg = {}, False
+    for split, (count, samples) in spec.splits.items():
+        for stale in out.glob(f"{split}-*.tar"):
+            stale.unlink()
+        size = shard_size or default_shard_size(count)
+        shards, total, split_fg = _write_split(out, split, samples, size, len(spec.classes))
+        has_fg |= split_fg
+        if total == 0:
+            raise DataError(f"split {split!r} of source {source!r} is empty")
+        splits[split] = {"num_samples": total, "shards": shards}
+    manifest = {"format": FORMAT, "source": source, "args": args, "classes": spec.classes,
+                "image_size": spec.image_size, "has_fg": has_fg, "splits": splits}
+    tmp = existing.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, existing)
+    return manifest, True
+
+
+def _write_split(out: Path, split: str, samples, shard_size: int, num_classes: int):
+    shards, total, writer, current, has_fg = [], 0, None, None, False
+
+    def close():
+        if writer is not None:
+            writer.close()
+            shards[-1]["sha256"] = sha256_file(out / shards[-1]["file"])
+
+    for sample in samples:
+        if not 0 <= sample.label < num_classes:
+            raise DataError(f"sample {sample.key}: label {sample.label} outside the "
+                            f"{num_classes} classes")
+        if writer is None or current >= shard_size:
+            close()
+            name = f"{split}-{len(shards):06d}.tar"
+            writer = wds.TarWriter(str(out / name))
+            shards.append({"file": name, "num_samples": 0, "sha256": None})
+            current = 0
+        writer.write(encode_sample(sample))
+        has_fg |= sample.fg is not None
+        shards[-1]["num_samples"] += 1
+        current += 1
+        total += 1
+    close()
+    return shards, total, has_fg
+
+
+def encode_sample(sample: Sample) -> dict[str, Any]:
+    record: dict[str, Any] = {"__key__": sample.key, "cls": str(sample.label).encode()}
+    if sample.encoded is not None:
+        record[sample.ext] = sample.encoded
+    else:
+        record["png"] = png_bytes(sample.image)
+    if sample.fg is not None:
+        record["fg.png"] = png_bytes((sample.fg.astype(np.uint8) * 255))
+    if sample.meta:
+        record["json"] = json.dumps(sample.meta).encode()
+    return record
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+@dataclass
+class Dataset:
+    """A loaded manifest: where the shards are and what they hold."""
+
+    root: str
+    manifest: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def num_samples(self, split: str) -> int:
+        return int(self._split(split)["num_samples"])
+
+    def has_fg(self) -> bool:
+        return bool(self.manifest.get("has_fg"))
+
+    def _split(self, split: str) -> dict:
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise DataError(f"split {split!r} not in {self.root}/{MANIFEST}; available: "
+                            f"{', '.join(splits)}")
+        if not splits[split]["shards"] or not splits[split]["num_samples"]:
+            raise DataError(f"split {split!r} in {self.root}/{MANIFEST} is empty")
+        return splits[split]
+
+    def shard_urls(self, split: str) -> list[str]:
+        return [_join(self.root, s["file"]) for s in self._split(split)["shards"]]
+
+    def check_shards(self, split: str, verify: bool = True) -> None:
+        """Every local shard must exist; with ``verify`` its sha256 must match the manifest."""
+        for shard in self._split(split)["shards"]:
+            url = _join(self.root, shard["file"])
+            if is_url(url):
+                continue  # remote shards are checked by the transport, not hashed here
+            path = Path(url.removeprefix("file://"))
+            if not path.is_file():
+                raise DataError(f"shard missing: {path} (listed in {self.root}/{MANIFEST})")
+            if verify and shard.get("sha256") and sha256_file(path) != shard["sha256"]:
+                raise DataError(f"shard {path}: sha256 does not match {MANIFEST} (corrupt or "
+                                "changed; re-run prepare-data, or set "
+                                "data.verify_checksums=false to skip the check)")
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read ``path/dataset.json`` (``path`` a directory or an http(s)/file URL)."""
+    root = str(path).rstrip("/")
+    url = _join(root, MANIFEST)
+    try:
+        if is_url(root):
+            with urllib.request.urlopen(url, timeout=30) as r:
+                text = r.read().decode()
+        else:
+            text = Path(url.removeprefix("file://")).read_text()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"manifest not found or unreadable: {url} ({exc.__class__.__name__}); "
+                        "create it with: python run_pipeline.py prepare-data --out DIR") from exc
+    try:
+        manifest = json.loads(text)
+        if manifest.get("format") != FORMAT or "splits" not in manifest:
+            raise ValueError("not an attmask manifest")
+    except ValueError as exc:
+        raise DataError(f"manifest {url} is not a valid {FORMAT} manifest") from exc
+    return Dataset(root, manifest)
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}"

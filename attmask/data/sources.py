@@ -1,0 +1,227 @@
+"""Dataset sources that ``prepare-data`` turns into shards.
+
+A source names its classes and yields samples per split, one at a time (no split is held in
+memory whole, except one ``.npz`` chunk at a time). Images are either uint8 HWC arrays (encoded
+to PNG by the writer) or already-encoded JPEG/PNG bytes that are passed through untouched.
+"""
+from __future__ import annotations
+
+import io
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from attmask.data.synthetic import VARIANTS, ObjectsOnBackgrounds
+from attmask.errors import DataError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class Sample:
+    key: str
+    label: int
+    image: Optional[np.ndarray] = None  # (H, W, 3) uint8, or
+    encoded: Optional[bytes] = None  # JPEG/PNG bytes with ``ext``
+    ext: str = "png"
+    fg: Optional[np.ndarray] = None  # (H, W) bool foreground mask
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SourceSpec:
+    """What a source must produce: class names, image size and, per split, its samples."""
+
+    classes: list[str]
+    image_size: int
+    splits: dict[str, tuple[int, Iterator[Sample]]]  # split -> (count, samples)
+
+
+def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] = None,
+                     image_size: int = 32, seed: int = 0, num_classes: int = 10,
+                     bg_correlation: float = 0.8, per_class: Optional[int] = None) -> SourceSpec:
+    gen = ObjectsOnBackgrounds(image_size, num_classes, bg_correlation, seed)
+    n_test = num_samples // 5 if num_test_samples is None else num_test_samples
+
+    def plain(split: str, count: int) -> Iterator[Sample]:
+        for i in range(count):
+            s = gen.sample(split, i)
+            yield Sample(f"{split}{i:07d}", s.label, image=s.image, fg=s.fg, meta=s.meta)
+
+    def variant(name: str) -> Iterator[Sample]:
+        for i in range(n_test):
+            s = gen.variants(i)[name]
+            yield Sample(f"{name}{i:07d}", s.label, image=s.image, fg=s.fg, meta=s.meta)
+
+    splits = {"train": (num_samples, plain("train", num_samples)),
+              "test": (n_test, plain("test", n_test))}
+    splits.update({f"test_{v}": (n_test, variant(v)) for v in VARIANTS})
+    if per_class is not None:
+        splits = {k: _per_class_stream(it, per_class, num_classes) for k, (_, it) in splits.items()}
+    return SourceSpec(gen.classes, image_size, splits)
+
+
+def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
+               num_samples: Optional[int] = None, num_test_samples: Optional[int] = None,
+               per_class: Optional[int] = None) -> SourceSpec:
+    """A folder of ``.npz`` files (``images`` uint8 NHWC, ``labels``); the split is the file name
+    without a trailing ``_<digits>`` chunk number: ``train_00.npz`` -> ``train``,
+    ``test_mixed_rand.npz`` -> ``test_mixed_rand``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--from {folder}: not a directory")
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise DataError(f"--from {folder}: no .npz files found (expected e.g. train_00.npz)")
+    by_split: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        by_split[re.sub(r"_\d+$", "", f.stem)].append(f)
+    label_max, image_size = -1, None
+    counts = {}
+    for split, paths in by_split.items():
+        n = 0
+        for p in paths:
+            with np.load(p, allow_pickle=False) as z:
+                if "images" not in z or "labels" not in z:
+                    raise DataError(f"{p}: needs arrays 'images' (uint8 NHWC) and 'labels'")
+                shape = z["images"].shape
+                if len(shape) != 4 or shape[-1] != 3 or z["images"].dtype != np.uint8:
+                    raise DataError(f"{p}: 'images' must be uint8 (N, H, W, 3), got "
+                                    f"{z['images'].dtype} {shape}")
+                if len(z["labels"]) != shape[0]:
+                    raise DataError(f"{p}: {shape[0]} images but {len(z['labels'])} labels")
+                label_max = max(label_max, int(z["labels"].max()) if shape[0] else -1)
+                image_size = min(image_size or shape[1], shape[1], shape[2])
+                n += shape[0]
+        counts[split] = n
+    if label_max < 0:
+        raise DataError(f"--from {folder}: the .npz files hold no images")
+    classes = classes or [str(i) for i in range(label_max + 1)]
+    if label_max >= len(classes):
+        raise DataError(f"--from {folder}: label {label_max} outside the {len(classes)} classes")
+
+    def stream(split: str) -> Iterator[Sample]:
+        i = 0
+        for p in by_split[split]:
+            with np.load(p, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+            for img, label in zip(images, labels):
+                yield Sample(f"{split}{i:07d}", int(label), image=img)
+                i += 1
+
+    splits = {}
+    for split in by_split:
+        cap = num_samples if split == "train" else num_test_samples
+        it = stream(split)
+        if per_class is not None:
+            count, it = _per_class_stream(it, per_class, len(classes))
+        else:
+            count = counts[split]
+        if cap is not None:
+            count, it = min(count, cap), _take(it, cap)
+        splits[split] = (count, it)
+    return SourceSpec(classes, image_size, splits)
+
+
+def cifar10_source(folder: Optional[str | Path], download_root: str | Path, **kw) -> SourceSpec:
+    """CIFAR-10 from a local ``.npz`` folder, or through torchvision's downloader when online."""
+    if folder is not None:
+        return npz_source(folder, classes=CIFAR10_CLASSES, **kw)
+    from torchvision.datasets import CIFAR10
+
+    out = Path(download_root) / "cifar10-npz"
+    if not (out / "test.npz").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for split, train in (("train", True), ("test", False)):
+            try:
+                ds = CIFAR10(str(Path(download_root) / "cifar10-download"), train=train,
+                             download=True)
+            except Exception as exc:  # offline: say how to use a local copy instead
+                raise DataError(f"CIFAR-10 download failed ({exc.__class__.__name__}); pass "
+                                "--from DIR with a folder of .npz files (e.g. "
+                                "../shared/data/cifar10)") from exc
+            np.savez(out / f"{split}.npz", images=ds.data, labels=np.asarray(ds.targets))
+    return npz_source(out, classes=CIFAR10_CLASSES, **kw)
+
+
+def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
+                       num_samples: Optional[int] = None, num_test_samples: Optional[int] = None,
+                       per_class: Optional[int] = None) -> SourceSpec:
+    """A class-per-folder tree (ImageNet layout): ``root/<class>/*.jpg``, or ``root/train`` and
+    ``root/val`` (stored as ``test``) each holding class folders. JPEG/PNG files pass through
+    unchanged unless ``image_size`` asks to resize the shorter side."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--from {root}: not a directory")
+    if (root / "train").is_dir():
+        split_dirs = {"train": root / "train"}
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                split_dirs["test"] = root / name
+    else:
+        split_dirs = {"train": root}
+    classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"--from {split_dirs['train']}: no class folders found")
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split, d in split_dirs.items():
+        items = []
+        for label, cls in enumerate(classes):
+            found = sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_EXTS) \
+                if (d / cls).is_dir() else []
+            items += [(p, label) for p in found[:per_class]]
+        cap = num_samples if split == "train" else num_test_samples
+        files[split] = items[:cap] if cap is not None else items
+    if not files["train"]:
+        raise DataError(f"--from {root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+
+    from PIL import Image
+
+    min_side = image_size or min(min(Image.open(p).size) for p, _ in files["train"][:1000])
+
+    def stream(split: str) -> Iterator[Sample]:
+        for i, (path, label) in enumerate(files[split]):
+            key = f"{split}{i:08d}"
+            ext = path.suffix.lower().lstrip(".")
+            if image_size is None and ext in ("jpg", "jpeg", "png"):
+                yield Sample(key, label, encoded=path.read_bytes(), ext="jpg" if ext == "jpeg" else ext,
+                             meta={"file": str(path.relative_to(root))})
+                continue
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if image_size is not None:
+                    scale = image_size / min(im.size)
+                    im = im.resize((max(image_size, round(im.width * scale)),
+                                    max(image_size, round(im.height * scale))), Image.BICUBIC)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=95)
+            yield Sample(key, label, encoded=buf.getvalue(), ext="jpg",
+                         meta={"file": str(path.relative_to(root))})
+
+    return SourceSpec(classes, min_side,
+                      {split: (len(items), stream(split)) for split, items in files.items()})
+
+
+def _take(it: Iterator[Sample], n: int) -> Iterator[Sample]:
+    for i, s in enumerate(it):
+        if i >= n:
+            return
+        yield s
+
+
+def _per_class_stream(it: Iterator[Sample], k: int, num_classes: int) -> tuple[int, Iterator[Sample]]:
+    """Keep the first ``k`` samples of each class, in order. The count is an upper bound until
+    the stream is consumed; the writer records the true number."""
+    def gen() -> Iterator[Sample]:
+        seen: dict[int, int] = defaultdict(int)
+        for s in it:
+            if seen[s.label] < k:
+                seen[s.label] += 1
+                yield s
+    return k * num_classes, gen()

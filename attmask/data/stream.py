@@ -1,0 +1,232 @@
+"""Streaming input from shards: training (shuffled, infinite, multi-crop) and evaluation
+(deterministic, every sample exactly once).
+
+A *reader* is one (rank, dataloader worker) pair. Readers get disjoint shards; when there are
+fewer shards than readers every reader walks all shards and keeps every n-th sample instead, so
+no reader is ever empty. The training stream repeats its shards, and the loader cuts each epoch
+to the same number of steps on every rank (DDP needs equal step counts).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from attmask.config import Config
+from attmask.data.shards import Dataset
+from attmask.data.transforms import EvalTransform, MultiCropTransform
+from attmask.errors import DataError
+
+log = logging.getLogger(__name__)
+MIN_SEEN_FOR_THRESHOLD = 100
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image: torch.Tensor  # uint8 (3, H, W)
+    label: int
+    fg: Optional[torch.Tensor]  # bool (H, W) or None
+
+
+def stream_url(url: str) -> str:
+    """Map object-store URLs onto webdataset's ``pipe:`` transport (http/gs work natively)."""
+    if url.startswith("s3://"):
+        return f"pipe:aws s3 cp --quiet {url} -"
+    return url.removeprefix("file://")
+
+
+def reader_identity(rank: int, world_size: int) -> tuple[int, int]:
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    return rank * workers + worker, world_size * workers
+
+
+def split_shards(urls: list[str], reader: int, readers: int) -> tuple[list[str], Optional[int]]:
+    """This reader's shards, and the sample stride to apply when shards are too few to split."""
+    if len(urls) >= readers:
+        return urls[reader::readers], None
+    return list(urls), readers
+
+
+def read_samples(urls: Iterable[str], stride: Optional[int], reader: int) -> Iterator[dict]:
+    """Raw webdataset samples of the given shards; an unreadable shard is named in the error."""
+    index = 0
+    for url in urls:
+        try:
+            for sample in wds.tarfile_samples([{"url": stream_url(url)}]):
+                if stride is None or index % stride == reader:
+                    yield sample
+                index += 1
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any transport/tar failure means a bad shard
+            raise DataError(f"shard {url}: unreadable ({exc.__class__.__name__}: {exc})"[:400]) \
+                from exc
+
+
+class Decoder:
+    """Decode image, label and mask; skip and count corrupt samples, reject wrong ones."""
+
+    def __init__(self, num_classes: int, min_size: int, max_corrupt_fraction: float) -> None:
+        self.num_classes, self.min_size = num_classes, min_size
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.seen = self.skipped = 0
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[DecodedSample]:
+        for s in samples:
+            self.seen += 1
+            key = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
+            try:
+                data = s.get("png") or s.get("jpg") or s.get("jpeg")
+                if data is None:
+                    raise ValueError("no png/jpg member")
+                image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                     mode=ImageReadMode.RGB)
+                label = int(s["cls"])
+                fg = None
+                if "fg.png" in s:
+                    fg = decode_image(torch.frombuffer(bytearray(s["fg.png"]), dtype=torch.uint8),
+                                      mode=ImageReadMode.GRAY)[0] > 127
+            except Exception as exc:  # noqa: BLE001 - undecodable sample: skip, count, warn once
+                self._skip(key, exc)
+                continue
+            if not 0 <= label < self.num_classes:
+                raise DataError(f"sample {key}: label {label} outside the manifest's "
+                                f"{self.num_classes} classes")
+            if min(image.shape[1:]) < self.min_size:
+                raise DataError(f"sample {key}: image {tuple(image.shape[1:])} is smaller than "
+                                f"the crop size {self.min_size} (model.image_size)")
+            yield DecodedSample(str(s.get("__key__")), image, label, fg)
+
+    def _skip(self, key: str, exc: Exception) -> None:
+        self.skipped += 1
+        if self.skipped == 1:
+            log.warning("skipping corrupt sample %s (%s); further ones are only counted", key, exc)
+        if (self.seen >= MIN_SEEN_FOR_THRESHOLD
+                and self.skipped / self.seen > self.max_corrupt_fraction):
+            raise DataError(f"{self.skipped} of {self.seen} samples are corrupt (last: {key}); "
+                            f"more than data.max_corrupt_fraction={self.max_corrupt_fraction}")
+
+
+def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class TrainStream(IterableDataset):
+    """Infinite multi-crop batches for one rank: ``{"global": (2,B,3,S,S), "local": (L,B,3,s,s),
+    "label": (B,), "skipped": int, "seen": int}``."""
+
+    def __init__(self, dataset: Dataset, split: str, transform: MultiCropTransform,
+                 batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, shuffle_buffer: int = 1000, min_size: int = 0,
+                 max_corrupt_fraction: float = 0.01) -> None:
+        self.urls = dataset.shard_urls(split)
+        self.num_classes = len(dataset.classes)
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.shuffle_buffer, self.min_size = shuffle_buffer, min_size
+        self.max_corrupt_fraction = max_corrupt_fraction
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = reader_identity(self.rank, self.world_size)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{reader}")
+        if get_worker_info() is not None:  # in-process, the global RNG is the trainer's own
+            torch.manual_seed(rng.getrandbits(63))  # crop randomness per reader and epoch
+        decoder = Decoder(self.num_classes, self.min_size, self.max_corrupt_fraction)
+
+        def samples() -> Iterator[DecodedSample]:
+            for cycle in itertools.count():
+                urls = list(self.urls)  # same order on every reader, so the split is disjoint
+                random.Random(f"{self.seed}/{self.epoch}/{cycle}").shuffle(urls)
+                mine, stride = split_shards(urls, reader, readers)
+                yield from decoder(read_samples(mine, stride, reader))
+
+        batch, last_skipped, last_seen = [], 0, 0
+        for s in _shuffle(samples(), max(1, self.shuffle_buffer), rng):
+            batch.append((self.transform(s.image), s.label))
+            if len(batch) == self.batch_size:
+                yield {"global": _stack_views([b[0][0] for b in batch]),
+                       "local": _stack_views([b[0][1] for b in batch]),
+                       "label": torch.tensor([b[1] for b in batch]),
+                       "skipped": decoder.skipped - last_skipped, "seen": decoder.seen - last_seen}
+                batch, last_skipped, last_seen = [], decoder.skipped, decoder.seen
+
+
+def _stack_views(per_sample: list[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """[B][V] crops -> (V, B, 3, s, s)."""
+    if not per_sample[0]:
+        return None
+    return torch.stack([torch.stack(views) for views in zip(*per_sample)])
+
+
+class EvalStream(IterableDataset):
+    """Each sample exactly once across ranks and workers, in a fixed order:
+    ``{"image": (B,3,S,S), "label": (B,), "key": [...], "fg": (B,S,S) bool (if present)}``."""
+
+    def __init__(self, dataset: Dataset, split: str, transform: EvalTransform, batch_size: int,
+                 *, rank: int = 0, world_size: int = 1,
+                 max_corrupt_fraction: float = 0.01) -> None:
+        self.urls = dataset.shard_urls(split)
+        self.num_classes = len(dataset.classes)
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.max_corrupt_fraction = max_corrupt_fraction
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = reader_identity(self.rank, self.world_size)
+        mine, stride = split_shards(self.urls, reader, readers)
+        decoder = Decoder(self.num_classes, 0, self.max_corrupt_fraction)
+        batch: list[DecodedSample] = []
+        for s in itertools.chain(decoder(read_samples(mine, stride, reader)), [None]):
+            if s is not None:
+                batch.append(s)
+            if batch and (s is None or len(batch) == self.batch_size):
+                out = {"image": torch.stack([self.transform(b.image) for b in batch]),
+                       "label": torch.tensor([b.label for b in batch]),
+                       "key": [b.key for b in batch]}
+                if all(b.fg is not None for b in batch):
+                    out["fg"] = torch.stack([self.transform.mask(b.fg) for b in batch])
+                yield out
+                batch = []
+
+
+def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def train_batches(dataset: Dataset, cfg: Config, *, epoch: int, steps: int, rank: int = 0,
+                  world_size: int = 1, skip: int = 0) -> Iterator[dict]:
+    """Exactly ``steps - skip`` batches of epoch ``epoch`` (``skip`` resumes mid-epoch)."""
+    m, d = cfg.model, cfg.data
+    transform = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
+                                   d.local_crops_scale, d.local_crops_number)
+    stream = TrainStream(dataset, d.split, transform, cfg.train.batch_size_per_worker, rank=rank,
+                         world_size=world_size, seed=cfg.train.seed, epoch=epoch,
+                         shuffle_buffer=d.shuffle_buffer, min_size=m.image_size,
+                         max_corrupt_fraction=d.max_corrupt_fraction)
+    return itertools.islice(make_loader(stream, d.num_workers), skip, steps)
+
+
+def steps_per_epoch(dataset: Dataset, cfg: Config, world_size: int = 1) -> int:
+    if cfg.train.steps_per_epoch is not None:
+        return cfg.train.steps_per_epoch
+    return dataset.num_samples(cfg.data.split) // (cfg.train.batch_size_per_worker * world_size)
+

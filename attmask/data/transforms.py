@@ -1,0 +1,68 @@
+"""Image transforms: DINO/iBOT multi-crop for pretraining, a single view for evaluation.
+
+Photometric recipe of DINO (Caron et al., 2021) as used by iBOT and AttMask: flip, colour jitter
+(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur (p=1.0 on global crop 1, 0.1 on
+global crop 2, 0.5 on local crops), solarisation p=0.2 on global crop 2 only, ImageNet
+normalisation. Runs on uint8 tensors with torchvision's v2 transforms. The blur radius range
+(0.1, 2) px is defined at 224 px and scaled with the crop size, so small crops are not erased.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _blur(size: int, p: float) -> v2.Transform:
+    sigma_max = 2.0 * size / 224
+    kernel = 2 * max(1, round(3 * sigma_max)) + 1
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1 * size / 224, sigma_max))], p=p)
+
+
+def _finish() -> v2.Transform:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def _photometric() -> list[v2.Transform]:
+    return [v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2)]
+
+
+class MultiCropTransform:
+    """uint8 (3, H, W) image -> (global crops list of 2, local crops list of ``local_number``)."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96,
+                 global_scale: tuple[float, float] = (0.25, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.25), local_number: int = 6) -> None:
+        crop = lambda size, scale: v2.RandomResizedCrop(  # noqa: E731
+            size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        self.global1 = v2.Compose([crop(global_size, global_scale), *_photometric(),
+                                   _blur(global_size, 1.0), _finish()])
+        self.global2 = v2.Compose([crop(global_size, global_scale), *_photometric(),
+                                   _blur(global_size, 0.1), v2.RandomSolarize(128, p=0.2),
+                                   _finish()])
+        self.local = v2.Compose([crop(local_size, local_scale), *_photometric(),
+                                 _blur(local_size, 0.5), _finish()])
+        self.local_number = local_number
+
+    def __call__(self, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        globals_ = [self.global1(image), self.global2(image)]
+        return globals_, [self.local(image) for _ in range(self.local_number)]
+
+
+class EvalTransform:
+    """Resize to ``size`` (bicubic) and normalise; the foreground mask follows with nearest."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.image = v2.Compose([v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC,
+                                           antialias=True), _finish()])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image(image)
+
+    def mask(self, fg: torch.Tensor) -> torch.Tensor:
+        return v2.functional.resize(fg[None].to(torch.uint8), [self.size, self.size],
+                                    interpolation=v2.InterpolationMode.NEAREST)[0].bool()

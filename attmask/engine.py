@@ -1,0 +1,303 @@
+"""The training engine: models, optimiser, precomputed schedules and one readable training step.
+
+The step follows the paper's order: teacher forward (with [CLS] attention) -> masks -> student
+forward -> loss -> backward -> per-tensor clipping -> AdamW -> EMA teacher. No host syncs on the
+hot path except the boolean gather of masked tokens; metrics stay tensors until logged.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from attmask.config import Config, ConfigError
+from attmask.loss import IBOTLoss
+from attmask.masking import make_masker
+from attmask.models import IBOTHead, MultiCropNet, build_backbone
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops, the last checkpoint is left intact."""
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warm-up from ``warmup_start``, then cosine to ``final``."""
+    total = epochs * steps_per_epoch
+    warm = min(int(warmup_epochs * steps_per_epoch), total)
+    warmup = np.linspace(warmup_start, base, warm, endpoint=False)
+    t = np.arange(total - warm)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
+    return np.concatenate([warmup, cosine])
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported()
+    if precision == "auto":
+        return "bf16" if cpu_bf16 else "fp32"
+    if precision == "fp16":  # the gradient scaler path is for GPUs; degrade instead of failing
+        fallback = "bf16" if cpu_bf16 else "fp32"
+        log.warning("train.precision=fp16 needs a CUDA GPU; using %s on CPU", fallback)
+        return fallback
+    return precision
+
+
+@dataclass
+class StepMetrics:
+    """Tensors of one step; call :meth:`as_floats` only when logging (it syncs)."""
+
+    values: dict[str, torch.Tensor]
+    scalars: dict[str, float]
+
+    def as_floats(self) -> dict[str, float]:
+        return {**{k: float(v) for k, v in self.values.items()}, **self.scalars}
+
+
+class Engine:
+    """Student, EMA teacher, loss, optimiser and schedules for one (possibly distributed) run.
+
+    Args:
+        cfg: validated configuration.
+        steps_per_epoch: optimiser steps per epoch (schedules are per iteration).
+        world_size: number of data-parallel workers (for LR scaling).
+        rank: this worker's rank (seeds its masking generator).
+        wrap_student: e.g. DDP wrapping; the unwrapped student stays in ``self.student``.
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, *, device: Optional[torch.device] = None,
+                 world_size: int = 1, rank: int = 0,
+                 wrap_student: Optional[Callable[[nn.Module], nn.Module]] = None) -> None:
+        if steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch={steps_per_epoch}: need at least one step per "
+                              "epoch (more samples or a smaller train.batch_size_per_worker)")
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        self.device = device or resolve_device()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        torch.manual_seed(cfg.train.seed)
+        m, lc, o = cfg.model, cfg.loss, cfg.optim
+        self.patch_loss = lc.framework == "ibot"
+
+        self.student = self._build_net().to(self.device)
+        self.teacher = self._build_net(drop_path=0.0).to(self.device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.student_forward = wrap_student(self.student) if wrap_student else self.student
+
+        self.masker = make_masker(cfg.masking.strategy, **cfg.masking.masker_kwargs())
+        self.grid = m.grid
+        self.loss = IBOTLoss(
+            m.out_dim, m.out_dim if m.shared_head else m.patch_out_dim, epochs=cfg.train.epochs,
+            warmup_teacher_temp=lc.warmup_teacher_temp, teacher_temp=lc.teacher_temp,
+            warmup_teacher_patch_temp=lc.warmup_teacher_patch_temp,
+            teacher_patch_temp=lc.teacher_patch_temp,
+            warmup_teacher_temp_epochs=lc.warmup_teacher_temp_epochs,
+            student_temp=lc.student_temp, center_momentum=lc.center_momentum,
+            lambda1=lc.lambda1, lambda2=lc.lambda2, patch_loss=self.patch_loss).to(self.device)
+
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay,
+                                            "weight_decay": 0.0}],
+                                           lr=0.0, fused=fused, foreach=None if fused else True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        global_batch = cfg.train.batch_size_per_worker * world_size
+        peak_lr = o.lr * global_batch / o.lr_batch_reference
+        args = (cfg.train.epochs, steps_per_epoch)
+        self.lr_schedule = cosine_schedule(peak_lr, o.min_lr, *args, warmup_epochs=o.warmup_epochs)
+        self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, *args)
+        self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, *args)
+
+        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1000 + rank)
+        self._teacher_params = list(self.teacher.parameters())
+        self._student_params = list(self.student.parameters())
+        self._last_layer = [p for n, p in self.student.named_parameters() if "last_layer" in n]
+        self.step = 0
+
+    def _build_net(self, drop_path: Optional[float] = None) -> MultiCropNet:
+        m = self.cfg.model
+        backbone = build_backbone(m, drop_path=drop_path)
+        head = IBOTHead(backbone.embed_dim, m.out_dim, hidden_dim=m.head_hidden_dim,
+                        bottleneck_dim=m.head_bottleneck_dim, num_layers=m.head_layers,
+                        norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
+                        patch_out_dim=m.patch_out_dim)
+        return MultiCropNet(backbone, head)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.lr_schedule)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------
+
+    def train_step(self, global_crops: torch.Tensor,
+                   local_crops: Optional[torch.Tensor] = None) -> StepMetrics:
+        """One optimisation step.
+
+        Args:
+            global_crops: (G, B, 3, S, S), G global views of B images.
+            local_crops: (L, B, 3, s, s) or None.
+        """
+        it, cfg, epoch = self.step, self.cfg, self.epoch
+        lr, wd, momentum = (float(s[it]) for s in
+                            (self.lr_schedule, self.wd_schedule, self.momentum_schedule))
+        self.optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
+        self.optimizer.param_groups[1]["lr"] = lr
+        images = global_crops.to(self.device, non_blocking=True).flatten(0, 1)
+        locals_ = (local_crops.to(self.device, non_blocking=True).flatten(0, 1)
+                   if local_crops is not None else None)
+
+        with self.autocast():
+            # 1. The teacher sees the full global crops; AttMask reads its [CLS] attention.
+            with torch.no_grad():
+                teacher = self.teacher.backbone.forward_tokens(
+                    images, attn_layer=cfg.masking.layer if self.masker.needs_scores else None,
+                    head_reduce=cfg.masking.head_reduce)
+            # 2. Decide what to hide from the student.
+            masks = self.masker(teacher.attention, self.grid, self.generator,
+                                batch_size=len(images), device=self.device)
+            # 3. The student sees masked global crops and unmasked local crops.
+            student_cls, student_patch = self.student_forward(images, locals_, masks,
+                                                              patch_logits=self.patch_loss)
+            with torch.no_grad():
+                teacher_cls, teacher_patch, center_patches = self._teacher_logits(teacher, masks)
+            # 4. Distill the teacher into the student.
+            losses = self.loss(student_cls, teacher_cls, epoch, student_patch, teacher_patch,
+                               masks, center_patches)
+
+        # 5. Update the student.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        if cfg.optim.clip_grad > 0:
+            clip_per_tensor_(self._student_params, cfg.optim.clip_grad)
+        if epoch < cfg.optim.freeze_last_layer:
+            for p in self._last_layer:
+                p.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+        # 6. The teacher follows the student by EMA.
+        with torch.no_grad():
+            torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - momentum)
+        self.step += 1
+
+        values = {k: v.detach() for k, v in losses.items()}
+        values["masked_fraction"] = masks.float().mean()
+        scalars = {"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+                   "teacher_temp": float(self.loss.teacher_temps[min(epoch, cfg.train.epochs - 1)])}
+        return StepMetrics(values, scalars)
+
+    def _teacher_logits(self, teacher, masks):
+        """Teacher head on [CLS], on the masked patches and on the patches feeding the centre."""
+        if not self.patch_loss:
+            return self.teacher.head(teacher.cls)[0], None, None
+        patches = teacher.patches
+        fraction = self.cfg.loss.patch_center_sample
+        if fraction >= 1.0:
+            cls_logits, all_patch = self.teacher.head(teacher.cls, patches.flatten(0, 1))
+            all_patch = all_patch.view(*patches.shape[:2], -1)
+            return cls_logits, all_patch[masks], all_patch.flatten(0, 1)
+        count = max(1, round(patches.shape[1] * fraction))
+        noise = torch.rand(patches.shape[:2], device=patches.device, generator=self.generator)
+        sample = noise.topk(count, dim=1).indices  # uniform subset per image
+        sampled = patches.gather(1, sample[..., None].expand(-1, -1, patches.shape[-1]))
+        masked = patches[masks]
+        cls_logits, patch_logits = self.teacher.head(teacher.cls,
+                                                     torch.cat([masked, sampled.flatten(0, 1)]))
+        return cls_logits, patch_logits[:len(masked)], patch_logits[len(masked):]
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "loss": self.loss.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "rng": rng, "config": self.cfg.to_yaml()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["loss"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, path: str | Path, extra: Optional[dict] = None) -> Path:
+        """Write the full state atomically (a crash mid-write never leaves a torn checkpoint)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({**self.state_dict(), **(extra or {})}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | Path) -> dict:
+        state = load_checkpoint(path, self.device)
+        self.load_state_dict(state)
+        return state
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint without running pickled code."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+@torch.no_grad()
+def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
+    """Scale each gradient tensor to at most ``max_norm`` (DINO/iBOT semantics), no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    scale = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, max_norm)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(grads, scale)
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    loss = metrics.get("loss")
+    if loss is not None and not np.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping (the last checkpoint "
+                                 "is intact; lower optim.lr or use train.precision=fp32)")

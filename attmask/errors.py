@@ -1,0 +1,13 @@
+"""Errors that mean "the user's input is wrong": the CLI prints them as one ``error:`` line."""
+
+
+class UserError(ValueError):
+    """Bad input; the message names what is wrong, the field or path, and what is allowed."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value, file or override."""
+
+
+class DataError(UserError):
+    """A missing, corrupt or unsuitable dataset, manifest or shard."""

@@ -1,0 +1,69 @@
+"""iBOT projection head (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer")."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation, ``w = g * v / ||v||`` row-wise.
+
+    As in DINO/iBOT the gain starts at 1 and is frozen when ``norm_last_layer`` is set.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.weight_v
+        return F.linear(x, self.weight_g * v / v.norm(dim=1, keepdim=True))
+
+
+class IBOTHead(nn.Module):
+    """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised last layer.
+
+    With ``shared_head`` (the AttMask/iBOT README setting) [CLS] and patch tokens use the same
+    last layer; otherwise patches get their own ``patch_out_dim`` layer. Student and teacher are
+    built from the same config, so their patch dimensions always agree (the official code's
+    65536-vs-8192 crash cannot happen).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 8192, *, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = True,
+                 shared_head: bool = True, patch_out_dim: int = 8192) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_init_linear)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
+        self.patch_last_layer = (None if shared_head else
+                                 WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor | None = None):
+        """Logits for [CLS] tokens (N, D) and, optionally, patch tokens (M, D), in one MLP pass."""
+        if patch_tokens is None:
+            return self.last_layer(self.project(cls_tokens)), None
+        z = self.project(torch.cat([cls_tokens, patch_tokens]))
+        z_cls, z_patch = z[:len(cls_tokens)], z[len(cls_tokens):]
+        if self.patch_last_layer is None:
+            logits = self.last_layer(z)
+            return logits[:len(cls_tokens)], logits[len(cls_tokens):]
+        return self.last_layer(z_cls), self.patch_last_layer(z_patch)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,104 @@
+"""A timm ``VisionTransformer`` that accepts a patch mask and returns cheap [CLS] attention.
+
+The blocks, patch embedding and position embeddings are timm's own (state-dict keys match
+``timm.create_model``); this subclass only adds iBOT's learnable mask token (Zhou et al., ICLR
+2022) and the [CLS]-to-patch attention map that AttMask ranks patches by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from attmask.config import ModelConfig
+
+
+@dataclass
+class ViTOutput:
+    cls: torch.Tensor  # (B, D), after the final norm
+    patches: torch.Tensor  # (B, H*W, D), after the final norm
+    attention: Optional[torch.Tensor] = None  # (B, H*W) [CLS]->patch attention, heads reduced
+
+
+class MaskedViT(VisionTransformer):
+    """ViT with a mask token applied before the position embeddings (sequence length unchanged).
+
+    Any input size divisible by the patch size works (``dynamic_img_size``): the position
+    embeddings are interpolated for local crops.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+
+    def forward_tokens(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                       attn_layer: Optional[int] = None, head_reduce: str = "mean") -> ViTOutput:
+        """Run the backbone.
+
+        Args:
+            images: (B, 3, h, w) with h, w multiples of the patch size.
+            mask: optional bool (B, H*W); True patches are replaced by the mask token.
+            attn_layer: block index (negative allowed) whose [CLS] attention to return.
+            head_reduce: ``mean`` (AttMask default) or ``max`` over heads.
+        """
+        x = self.patch_embed(images)  # (B, H, W, D)
+        if mask is not None:
+            x = torch.where(mask.view(x.shape[:3] + (1,)), self.mask_token.to(x.dtype), x)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        target = None if attn_layer is None else attn_layer % len(self.blocks)
+        attention = None
+        for i, block in enumerate(self.blocks):
+            if i == target:
+                attention = cls_attention(block.attn, block.norm1(x), self.num_prefix_tokens,
+                                          head_reduce)
+            x = block(x)
+        x = self.norm(x)
+        return ViTOutput(cls=x[:, 0], patches=x[:, self.num_prefix_tokens:], attention=attention)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights ``timm.create_model`` loads (everything but the mask token)."""
+        return {k: v for k, v in self.state_dict().items() if k != "mask_token"}
+
+
+def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int = 1,
+                  head_reduce: str = "mean") -> torch.Tensor:
+    """softmax(q_cls K^T / sqrt(d)) of one timm ``Attention`` module, CLS column dropped.
+
+    The blocks keep fused attention, so no attention matrix exists; this recomputes only the
+    [CLS] query row. Folding the key projection into the query (q_h W_k,h) scores every token
+    with one (B, N, D) x (B, D, heads) product: O(tokens x dim), no second forward pass. Done in
+    fp32 so the ranking does not depend on autocast.
+    """
+    B, N, D = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    inner = heads * head_dim
+    x = x.float()
+    weight, bias = attn.qkv.weight.float(), attn.qkv.bias
+    bias = bias.float() if bias is not None else torch.zeros(3 * inner, device=x.device)
+    q = x[:, 0] @ weight[:inner].T + bias[:inner]  # (B, inner)
+    q = attn.q_norm(q.view(B, heads, head_dim)) * attn.scale
+    if isinstance(attn.k_norm, nn.Identity):
+        w_k = weight[inner:2 * inner].view(heads, head_dim, D)
+        folded = torch.einsum("bhe,hed->bhd", q, w_k)  # (B, heads, D)
+        logits = torch.einsum("bnd,bhd->bhn", x, folded)
+        logits = logits + torch.einsum("bhe,he->bh", q, bias[inner:2 * inner].view(heads, head_dim))[..., None]
+    else:  # qk-norm models need the normalised keys themselves
+        k = (x @ weight[inner:2 * inner].T + bias[inner:2 * inner]).view(B, N, heads, head_dim)
+        logits = torch.einsum("bhe,bnhe->bhn", q, attn.k_norm(k))
+    probs = logits.softmax(dim=-1)[:, :, num_prefix:]  # softmax over all keys, as the original
+    if head_reduce == "mean":
+        return probs.mean(dim=1)
+    if head_reduce == "max":
+        return probs.amax(dim=1)
+    raise ValueError(f"head_reduce={head_reduce!r}: allowed values are 'mean', 'max'")
+
+
+def build_backbone(cfg: ModelConfig, drop_path: Optional[float] = None) -> MaskedViT:
+    dim, depth, heads = cfg.dims
+    model = MaskedViT(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=dim,
+                      depth=depth, num_heads=heads, qkv_bias=True,
+                      drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
+    return model
