@@ -97,10 +97,12 @@ class MaskingConfig:
             raise ConfigError(f"{p}.layer={self.layer}: allowed range is [{-depth}, {depth - 1}] "
                               f"for a {depth}-block model")
 
-    def masker_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(ratio=tuple(self.ratio), prob=self.prob, ratio_per=self.ratio_per)
-        if self.strategy == "attmask_hint":
-            kw.update(show_max=self.show_max, num_hints=self.num_hints)
+    def masker_kwargs(self, strategy: Optional[str] = None) -> dict[str, Any]:
+        """Arguments of ``make_masker`` for ``strategy`` (default: this config's strategy)."""
+        kw: dict[str, Any] = dict(ratio=tuple(self.ratio), prob=self.prob,
+                                  show_max=self.show_max, ratio_per=self.ratio_per)
+        if (strategy or self.strategy) == "attmask_hint":
+            kw["num_hints"] = self.num_hints
         return kw
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attmask.config import Config, ConfigError
+from attmask.config import Config
+from attmask.errors import ConfigError
 from attmask.loss import IBOTLoss
 from attmask.masking import make_masker
 from attmask.models import IBOTHead, MultiCropNet, build_backbone

@@ -40,24 +40,26 @@ def default_shard_size(num_samples: int) -> int:
     return max(1, min(MAX_DEFAULT_SHARD, math.ceil(num_samples / 8)))
 
 
-def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[str, Any],
-                 shard_size: Optional[int] = None) -> tuple[dict, bool]:
-    """Write every split of ``spec`` to ``out``; returns (manifest, written).
+def existing_manifest(out: str | Path, source: str, args: dict[str, Any]) -> Optional[dict]:
+    """The manifest in ``out`` if it was written for this source and these arguments and all its
+    shards are present (then there is nothing to redo), else None."""
+    path = Path(out) / MANIFEST
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    complete = all((Path(out) / s["file"]).is_file()
+                   for sp in old.get("splits", {}).values() for s in sp["shards"])
+    same = old.get("source") == source and old.get("args") == args
+    return old if same and complete else None
 
-    ``written`` is False when a manifest for the same source and arguments already exists and all
-    its shards are present (nothing is redone).
-    """
+
+def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[str, Any],
+                 shard_size: Optional[int] = None) -> dict:
+    """Write every split of ``spec`` to ``out`` and then the manifest; returns the manifest."""
     out = Path(out)
     existing = out / MANIFEST
-    if existing.is_file():
-        try:
-            old = json.loads(existing.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old and old.get("source") == source and old.get("args") == args and all(
-                (out / s["file"]).is_file() for sp in old["splits"].values() for s in sp["shards"]):
-            return old, False
-        existing.unlink()  # stale: it no longer describes what is about to be written
+    existing.unlink(missing_ok=True)  # it must not describe half-written shards
     out.mkdir(parents=True, exist_ok=True)
     splits, has_fg = {}, False
     for split, (count, samples) in spec.splits.items():
@@ -74,7 +76,7 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
     tmp = existing.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, existing)
-    return manifest, True
+    return manifest
 
 
 def _write_split(out: Path, split: str, samples, shard_size: int, num_classes: int):

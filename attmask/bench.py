@@ -1,0 +1,168 @@
+"""Speed measurements: ``bench-step`` (training step per masking strategy) and ``bench-data``
+(decode + multi-crop throughput).
+
+``bench-step`` interleaves the strategies (and a plain timm forward+backward of the same
+backbone, the bound) step by step in one process, drops warm-up steps and reports medians with
+their spread, so the ratios hold up on a noisy machine. Only torch and timm are needed.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from attmask.config import Config
+from attmask.engine import Engine
+from attmask.masking import make_masker
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a square matmul: the machine's own ceiling, measured in the same run."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    times = [_timed(lambda: a @ b, device) for _ in range(reps)]
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _stats(times: list[float], images: int) -> dict:
+    rates = sorted(images / t for t in times)
+    return {"images_per_s": statistics.median(rates), "images_per_s_min": rates[0],
+            "images_per_s_max": rates[-1], "step_s_median": statistics.median(times),
+            "timed_steps": len(times)}
+
+
+def bench_step(cfg: Config, strategies: list[str], steps: int = 5, warmup: int = 2,
+               device: Optional[torch.device] = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Time training steps of each strategy, interleaved, on random inputs of the config's shape."""
+    B, m = cfg.train.batch_size_per_worker, cfg.model
+    engine = Engine(cfg, steps_per_epoch=max(1, steps + warmup), device=device)
+    dev = engine.device
+    maskers = {name: make_masker(name, **cfg.masking.masker_kwargs(name)) for name in strategies}
+    images = torch.randn(2, B, 3, m.image_size, m.image_size, device=dev)
+    n_local = cfg.data.local_crops_number
+    local = (torch.randn(n_local, B, 3, m.local_image_size, m.local_image_size, device=dev)
+             if n_local else None)
+
+    # The bound: plain timm forward+backward of the same backbone on one global view of B images.
+    plain = engine._build_net().backbone.to(dev)
+    plain_x = images[0]
+
+    def plain_step():
+        with engine.autocast():
+            loss = plain.forward_features(plain_x).float().mean()
+        loss.backward()
+        plain.zero_grad(set_to_none=True)
+
+    def run(name: str) -> Callable[[], object]:
+        def step():
+            engine.masker = maskers[name]
+            engine.train_step(images, local)
+        return step
+
+    jobs = {name: run(name) for name in strategies}
+    jobs["plain_backbone"] = plain_step
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for round_ in range(warmup + steps):
+        for name, job in jobs.items():
+            elapsed = _timed(job, dev)
+            if round_ >= warmup:
+                times[name].append(elapsed)
+        log(f"round {round_ + 1}/{warmup + steps}: "
+            + ", ".join(f"{k} {B / t[-1] if t else 0:.2f} img/s" for k, t in times.items()))
+
+    # FLOPs: one iBOT image = 2 teacher forwards + student fwd+bwd on 2 global and L local crops.
+    backbone = engine.student.backbone
+    with torch.no_grad():
+        f_global = _count_flops(lambda: backbone.forward_tokens(images[0, :1]))
+        f_local = (_count_flops(lambda: backbone.forward_tokens(local[0, :1]))
+                   if local is not None else 0)
+    cost_in_plain_steps = (2 * f_global + 3 * (2 * f_global + n_local * f_local)) / (3 * f_global)
+    plain_stats = _stats(times.pop("plain_backbone"), B)
+    bound = plain_stats["images_per_s"] / cost_in_plain_steps
+    step_flops = {name: _count_flops(jobs[name]) for name in strategies}
+
+    result: dict = {"config": {"arch": m.arch, "depth": m.dims[1], "image_size": m.image_size,
+                               "local_crops": f"{n_local} x {m.local_image_size}px",
+                               "batch": B, "out_dim": m.out_dim,
+                               "patch_center_sample": cfg.loss.patch_center_sample,
+                               "framework": cfg.loss.framework},
+                    "device": describe_device(dev), "precision": engine.precision,
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "plain_backbone": plain_stats,
+                    "ibot_image_cost_in_plain_images": cost_in_plain_steps,
+                    "bound_images_per_s": bound, "strategies": {}}
+    ref = None
+    for name in strategies:
+        s = _stats(times[name], B)
+        s["fraction_of_bound"] = s["images_per_s"] / bound
+        s["gflop_per_step"] = step_flops[name] / 1e9
+        s["achieved_gflop_s"] = step_flops[name] / 1e9 / s["step_s_median"]
+        result["strategies"][name] = s
+        if name == "random":
+            ref = s["images_per_s"]
+    for s in result["strategies"].values():
+        s["ratio_to_random"] = s["images_per_s"] / ref if ref else None
+    result["matmul_peak_gflop_s"] = {
+        "fp32": matmul_peak(dev, torch.float32),
+        "bf16": matmul_peak(dev, torch.bfloat16),
+    }
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return result
+
+
+def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches: int = 20,
+               batch_size: int = 64, log: Callable[[str], None] = print) -> dict:
+    """Decode + multi-crop images/s of the training stream for each named crop setting."""
+    from attmask.data.shards import load_dataset
+    from attmask.data.stream import TrainStream, make_loader
+    from attmask.data.transforms import MultiCropTransform
+
+    dataset = load_dataset(data_path)
+    out = {"data": data_path, "workers": workers, "batch_size": batch_size, "settings": {}}
+    for name, s in settings.items():
+        transform = MultiCropTransform(s["global_size"], s["local_size"],
+                                       local_number=s["local_number"])
+        stream = TrainStream(dataset, "train", transform, batch_size, min_size=0)
+        loader = iter(make_loader(stream, workers))
+        next(loader)  # worker start-up is not throughput
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        rate = batches * batch_size / (time.perf_counter() - start)
+        out["settings"][name] = {**s, "images_per_s": rate}
+        log(f"{name}: {rate:.1f} images/s ({workers} workers)")
+    return out

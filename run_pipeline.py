@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""attmask command line: the one entry point for data, training, evaluation and benchmarks.
+
+Every subcommand follows one error rule: bad input prints a single ``error: ...`` line to stderr
+and exits with status 2 (``--debug`` shows the traceback instead). Heavy dependencies (ray,
+mlflow, webdataset) are imported inside the subcommands that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None,
+                     help=f"configs/NAME.yaml (default: {default_preset or 'built-in defaults'})")
+    src.add_argument("--config", help="path to a config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. masking.ratio=[0.2,0.4] train.epochs=3")
+    p.set_defaults(default_preset=default_preset)
+
+
+def load_cfg(args):
+    from attmask.config import load_config
+
+    preset = args.preset or (None if args.config else args.default_preset)
+    return load_config(preset=preset, path=args.config, overrides=args.overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_pretrain_local(args) -> int:
+    import torch
+    from attmask.train import pretrain_local
+
+    cfg = load_cfg(args)
+    summary = pretrain_local(cfg, device=torch.device(args.device) if args.device else None,
+                             max_steps=args.max_steps)
+    print(f"done: {summary.steps} steps, {summary.images_per_s:.1f} img/s, "
+          f"final loss {summary.final_metrics.get('loss', float('nan')):.4f}; outputs in "
+          f"{summary.run_dir}")
+    return 0
+
+
+def cmd_bench_step(args) -> int:
+    import torch
+    from attmask import masking
+    from attmask.bench import bench_step
+
+    cfg = load_cfg(args)
+    if args.precision:
+        cfg.train.precision = args.precision
+    if args.batch_size:
+        cfg.train.batch_size_per_worker = args.batch_size
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for s in strategies:
+        if s not in masking.available():
+            from attmask.errors import ConfigError
+            raise ConfigError(f"--strategies: unknown {s!r}; available: "
+                              f"{', '.join(masking.available())}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_step(cfg, strategies, steps=args.steps, warmup=args.warmup,
+                        device=torch.device(args.device) if args.device else None)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from attmask.data.prepare import PrepareArgs, prepare_data
+
+    a = PrepareArgs(source=args.source, out=args.out, from_path=args.from_path,
+                    num_samples=args.num_samples, num_test_samples=args.num_test_samples,
+                    per_class=args.per_class, shard_size=args.shard_size,
+                    image_size=args.image_size, seed=args.seed, num_classes=args.num_classes,
+                    bg_correlation=args.bg_correlation)
+    manifest, written = prepare_data(a)
+    state = "wrote" if written else "up to date (same arguments), nothing to do:"
+    splits = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards"
+                       for k, v in manifest["splits"].items())
+    print(f"{state} {args.out}: {len(manifest['classes'])} classes, "
+          f"{manifest['image_size']} px; {splits}")
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from attmask.bench import bench_data
+    from attmask.config import load_config
+
+    tiny = load_config("tiny-cpu")
+    settings = {
+        "tiny-cpu": {"global_size": tiny.model.image_size, "local_size": tiny.model.local_image_size,
+                     "local_number": tiny.data.local_crops_number},
+        "224px-10local": {"global_size": 224, "local_size": 96, "local_number": 10},
+    }
+    result = bench_data(args.data, settings, args.workers, batches=args.batches,
+                        batch_size=args.batch_size)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain-local", help="pretrain in this process (no Ray)")
+    add_config_args(p, "tiny-cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    p.set_defaults(func=cmd_pretrain_local)
+
+    p = sub.add_parser("bench-step", help="time training steps per masking strategy")
+    add_config_args(p, "vit-tiny-224")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
+    p.add_argument("--strategies", default="random,attmask_high,attmask_hint")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per strategy")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per strategy")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(func=cmd_bench_step)
+
+    p = sub.add_parser("prepare-data", help="write WebDataset shards and a manifest")
+    p.add_argument("--source", required=True, help="synthetic, cifar10, npz or imagefolder")
+    p.add_argument("--from", dest="from_path", help="input folder (npz, imagefolder, cifar10)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-samples", type=int, help="train size (synthetic: 10000) or cap")
+    p.add_argument("--num-test-samples", type=int, help="size of each test split or cap")
+    p.add_argument("--per-class", type=int, help="keep the first K images per class")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default: >= 8 shards)")
+    p.add_argument("--image-size", type=int, help="synthetic size (32) / imagefolder resize")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
+    p.add_argument("--bg-correlation", type=float, default=0.8, help="synthetic only")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("bench-data", help="decode + multi-crop throughput of a shard directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from attmask.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user error, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

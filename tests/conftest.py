@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny model config and small generated shard directories."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attmask.config import Config, load_config  # noqa: E402
+from attmask.data.prepare import PrepareArgs, prepare_data  # noqa: E402
+
+TINY = [
+    "model.arch=vit_tiny", "model.depth=2", "model.image_size=32", "model.local_image_size=16",
+    "model.patch_size=4", "model.out_dim=256", "model.head_hidden_dim=128",
+    "model.head_bottleneck_dim=64", "train.batch_size_per_worker=8", "train.epochs=2",
+    "train.precision=fp32", "data.local_crops_number=2", "data.num_workers=0",
+    "data.shuffle_buffer=16", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=1",
+    "train.log_every_steps=1",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A 2-block ViT-Tiny-width model on 32 px images, fast enough for unit tests."""
+    return load_config(overrides=TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """160 train / 32-per-variant synthetic images at 32 px, in 8 shards per split."""
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare_data(PrepareArgs(source="synthetic", out=str(out), num_samples=160,
+                             num_test_samples=32, seed=1))
+    return out
