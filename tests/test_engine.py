@@ -1,0 +1,153 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attmask.engine import (Engine, NonFiniteLossError, check_finite, clip_per_tensor_,
+                            cosine_schedule, load_checkpoint, resolve_precision)
+from conftest import tiny_config
+
+
+def batch(seed=0, B=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, B, 3, 32, 32, generator=g), torch.randn(2, B, 3, 16, 16, generator=g)
+
+
+def test_cosine_schedule_warmup_and_end_points():
+    s = cosine_schedule(1.0, 0.1, epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    assert len(s) == 40 and s[0] == 0.0 and s[10] == pytest.approx(1.0)
+    assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) <= 0)
+    assert s[-1] == pytest.approx(0.1, abs=5e-3)  # as DINO: one step short of the end
+    m = cosine_schedule(0.99, 1.0, epochs=2, steps_per_epoch=5)
+    assert m[0] == pytest.approx(0.99) and m[-1] < 1.0 and np.all(np.diff(m) >= 0)
+
+
+def test_clip_per_tensor_scales_each_gradient_separately():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4])
+    clip_per_tensor_([a, b], 3.0)
+    assert a.grad.norm() == pytest.approx(3.0, rel=1e-5)  # norm 50 -> 3
+    assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))  # norm 0.5 untouched
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "attmask_high", "attmask_low",
+                                      "attmask_hint"])
+def test_step_runs_for_every_strategy_and_reports_metrics(strategy):
+    engine = Engine(tiny_config(f"masking.strategy={strategy}"), steps_per_epoch=4)
+    metrics = engine.train_step(*batch()).as_floats()
+    assert {"loss", "cls_loss", "patch_loss", "masked_fraction", "lr", "weight_decay",
+            "teacher_momentum", "teacher_temp"} <= set(metrics)
+    assert math.isfinite(metrics["loss"]) and 0 < metrics["masked_fraction"] < 0.5
+    assert engine.step == 1
+
+
+def test_teacher_attention_drives_attmask_masks():
+    engine = Engine(tiny_config("masking.prob=1.0", "masking.ratio=[0.3,0.3]"), steps_per_epoch=4)
+    seen = {}
+    original = engine.masker
+
+    def spy(scores, grid, generator=None, **kw):
+        seen["scores"] = scores
+        seen["mask"] = original(scores, grid, generator, **kw)
+        return seen["mask"]
+
+    engine.masker = spy
+    engine.masker.needs_scores = True
+    images, local = batch()
+    with torch.no_grad():
+        expected = engine.teacher.backbone.forward_tokens(images.flatten(0, 1), attn_layer=-1)
+    engine.train_step(images, local)
+    assert torch.allclose(seen["scores"], expected.attention, atol=1e-6)
+    top = expected.attention.topk(math.floor(64 * 0.3), dim=1).indices
+    assert torch.equal(seen["mask"], torch.zeros_like(seen["mask"]).scatter_(1, top, True))
+
+
+def test_last_layer_frozen_in_first_epoch_and_ema_update():
+    engine = Engine(tiny_config("optim.freeze_last_layer=1", "optim.lr=0.1"), steps_per_epoch=2)
+    last = engine.student.head.last_layer.weight_v
+    before = last.detach().clone()
+    teacher_before = copy.deepcopy(engine.teacher.state_dict())
+    student_before = copy.deepcopy(engine.student.state_dict())
+    engine.train_step(*batch())
+    assert torch.equal(last, before)  # epoch 0: frozen
+    m = engine.momentum_schedule[0]
+    name = "backbone.blocks.0.mlp.fc1.weight"
+    expected = m * teacher_before[name] + (1 - m) * engine.student.state_dict()[name]
+    assert torch.allclose(engine.teacher.state_dict()[name], expected, atol=1e-6)
+    assert not torch.equal(engine.student.state_dict()[name], student_before[name])
+    engine.train_step(*batch(1))
+    engine.train_step(*batch(2))  # epoch 1
+    assert not torch.equal(last, before)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    engine = Engine(tiny_config(), steps_per_epoch=2)
+    decay, no_decay = engine.optimizer.param_groups
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    engine.train_step(*batch())
+    assert decay["weight_decay"] == pytest.approx(engine.wd_schedule[0])
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    cfg = tiny_config("masking.strategy=attmask_hint", "model.drop_path=0.2")
+    straight = Engine(cfg, steps_per_epoch=2)
+    for i in range(4):
+        straight.train_step(*batch(i))
+    first = Engine(cfg, steps_per_epoch=2)
+    for i in range(2):
+        first.train_step(*batch(i))
+    path = first.save(tmp_path / "ckpt.pt")
+    torch.manual_seed(1234)  # a fresh process would have some other RNG state
+    resumed = Engine(cfg, steps_per_epoch=2)
+    state = resumed.load(path)
+    assert state["step"] == 2 and state["epoch"] == 1
+    for i in range(2, 4):
+        resumed.train_step(*batch(i))
+    for (name, a), b in zip(straight.teacher.state_dict().items(),
+                            resumed.teacher.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.loss.center, resumed.loss.center)
+
+
+def test_checkpoint_holds_only_safe_types(tmp_path):
+    engine = Engine(tiny_config(), steps_per_epoch=2)
+    engine.train_step(*batch())
+    path = engine.save(tmp_path / "c.pt")
+    state = load_checkpoint(path)  # weights_only=True: no pickled code
+    assert {"student", "teacher", "optimizer", "loss", "rng", "config", "step"} <= set(state)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_check_finite_names_the_step():
+    check_finite({"loss": 1.0}, 3)
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        check_finite({"loss": float("nan")}, 7)
+
+
+def test_precision_resolution_degrades_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("fp16", cpu) in ("bf16", "fp32")
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="no CPU bf16")
+def test_bf16_autocast_step():
+    engine = Engine(tiny_config("train.precision=bf16"), steps_per_epoch=2)
+    assert engine.precision == "bf16"
+    assert math.isfinite(engine.train_step(*batch()).as_floats()["loss"])
+
+
+def test_dino_framework_and_unshared_head_and_center_sampling():
+    dino = Engine(tiny_config("loss.framework=dino"), steps_per_epoch=2)
+    metrics = dino.train_step(*batch()).as_floats()
+    assert "patch_loss" not in metrics and 0 < metrics["masked_fraction"]
+    unshared = Engine(tiny_config("model.shared_head=false", "model.patch_out_dim=96"),
+                      steps_per_epoch=2)
+    assert math.isfinite(unshared.train_step(*batch()).as_floats()["patch_loss"])
+    sampled = Engine(tiny_config("loss.patch_center_sample=0.25"), steps_per_epoch=2)
+    sampled.train_step(*batch())
+    assert sampled.loss.center2.abs().sum() > 0

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attmask.loss import IBOTLoss, teacher_temperature
+
+
+def reference_ibot_loss(s_cls, t_cls, s_patch_full, t_patch_full, masks, center, center2,
+                        temp, patch_temp, student_temp=0.1, n_global=2):
+    """The reference reduction written out with loops over full patch tensors (section 3.2)."""
+    views = len(s_cls) // (len(t_cls) // n_global)
+    s_c = (s_cls / student_temp).chunk(views)
+    t_c = F.softmax((t_cls - center) / temp, -1).chunk(n_global)
+    s_p = (s_patch_full / student_temp).chunk(n_global)
+    t_p = F.softmax((t_patch_full - center2) / patch_temp, -1).chunk(n_global)
+    m = masks.chunk(n_global)
+    cls_total, cls_n, patch_total, patch_n = 0, 0, 0, 0
+    for q in range(n_global):
+        for v in range(views):
+            if v == q:
+                ce = torch.sum(-t_p[q] * F.log_softmax(s_p[v], -1), -1)  # (B, P)
+                per_image = (ce * m[v].float()).sum(-1) / m[v].sum(-1).clamp(min=1.0)
+                patch_total += per_image.mean()
+                patch_n += 1
+            else:
+                cls_total += torch.sum(-t_c[q] * F.log_softmax(s_c[v], -1), -1).mean()
+                cls_n += 1
+    return cls_total / cls_n, patch_total / patch_n
+
+
+def make_inputs(B=3, views=6, P=16, K=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s_cls = torch.randn(views * B, K, generator=g)
+    t_cls = torch.randn(2 * B, K, generator=g)
+    s_patch = torch.randn(2 * B, P, K, generator=g)
+    t_patch = torch.randn(2 * B, P, K, generator=g)
+    masks = torch.rand(2 * B, P, generator=g) < 0.3
+    masks[1] = False  # an unmasked image still counts (as 0) in the mean
+    masks[4, :12] = True  # a heavily masked image does not get extra weight
+    return s_cls, t_cls, s_patch, t_patch, masks
+
+
+def test_matches_reference_reduction_with_gathered_tokens():
+    s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
+    loss = IBOTLoss(40, 40, epochs=10, warmup_teacher_temp_epochs=5)
+    loss.center.normal_()
+    loss.center2.normal_()
+    c1, c2 = loss.center.clone(), loss.center2.clone()
+    out = loss(s_cls, t_cls, 2, s_patch[masks], t_patch[masks], masks,
+               center_patches=t_patch.flatten(0, 1))
+    temps = teacher_temperature(0.04, 0.07, 5, 10)
+    ref_cls, ref_patch = reference_ibot_loss(s_cls, t_cls, s_patch, t_patch, masks, c1, c2,
+                                             temps[2], temps[2])
+    assert torch.allclose(out["cls_loss"], ref_cls, atol=1e-5)
+    assert torch.allclose(out["patch_loss"], ref_patch, atol=1e-5)
+    assert torch.allclose(out["loss"], ref_cls + ref_patch, atol=1e-5)
+    # a flat mean over all masked tokens is a different (wrong) reduction
+    ce = -(F.softmax((t_patch[masks] - c2) / temps[2], -1)
+           * F.log_softmax(s_patch[masks] / 0.1, -1)).sum(-1)
+    assert not torch.allclose(ce.mean(), out["patch_loss"], atol=1e-3)
+
+
+def test_centers_are_ema_of_teacher_means():
+    s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
+    loss = IBOTLoss(40, 40, epochs=3, center_momentum=0.9)
+    loss(s_cls, t_cls, 0, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
+    assert torch.allclose(loss.center, 0.1 * t_cls.mean(0, keepdim=True), atol=1e-6)
+    # the patch centre averages over all patches, not only the masked ones
+    assert torch.allclose(loss.center2, 0.1 * t_patch.mean((0, 1))[None], atol=1e-6)
+
+
+def test_lambdas_weight_the_terms_and_dino_drops_the_patch_term():
+    s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
+    weighted = IBOTLoss(40, 40, epochs=3, lambda1=0.5, lambda2=2.0)(
+        s_cls, t_cls, 0, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
+    assert torch.allclose(weighted["loss"],
+                          0.5 * weighted["cls_loss"] + 2.0 * weighted["patch_loss"])
+    dino = IBOTLoss(40, 40, epochs=3, patch_loss=False)(s_cls, t_cls, 0)
+    assert "patch_loss" not in dino and torch.equal(dino["loss"], dino["cls_loss"])
+
+
+def test_teacher_temperature_warmup_schedule():
+    temps = teacher_temperature(0.04, 0.07, 30, 100)
+    assert len(temps) == 100 and temps[0] == pytest.approx(0.04)
+    assert temps[29] == pytest.approx(0.07) and np.all(temps[30:] == 0.07)
+    assert np.all(np.diff(temps[:30]) > 0)
+    assert len(teacher_temperature(0.04, 0.07, 30, 10)) == 10  # shorter runs truncate
