@@ -8,16 +8,18 @@ to the same number of steps on every rank (DDP needs equal step counts).
 """
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from attmask.config import Config
 from attmask.data.shards import Dataset
@@ -79,6 +81,7 @@ class Decoder:
         self.num_classes, self.min_size = num_classes, min_size
         self.max_corrupt_fraction = max_corrupt_fraction
         self.seen = self.skipped = 0
+        self.last_bad = ""
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[DecodedSample]:
         for s in samples:
@@ -88,16 +91,14 @@ class Decoder:
                 data = s.get("png") or s.get("jpg") or s.get("jpeg")
                 if data is None:
                     raise ValueError("no png/jpg member")
-                image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                     mode=ImageReadMode.RGB)
+                image = torch.from_numpy(_pil_decode(data, "RGB")).permute(2, 0, 1)
                 label = int(s["cls"])
-                fg = None
-                if "fg.png" in s:
-                    fg = decode_image(torch.frombuffer(bytearray(s["fg.png"]), dtype=torch.uint8),
-                                      mode=ImageReadMode.GRAY)[0] > 127
+                fg = torch.from_numpy(_pil_decode(s["fg.png"], "L") > 127) if "fg.png" in s else None
             except Exception as exc:  # noqa: BLE001 - undecodable sample: skip, count, warn once
                 self._skip(key, exc)
                 continue
+            finally:
+                self._check_share(key)
             if not 0 <= label < self.num_classes:
                 raise DataError(f"sample {key}: label {label} outside the manifest's "
                                 f"{self.num_classes} classes")
@@ -105,15 +106,27 @@ class Decoder:
                 raise DataError(f"sample {key}: image {tuple(image.shape[1:])} is smaller than "
                                 f"the crop size {self.min_size} (model.image_size)")
             yield DecodedSample(str(s.get("__key__")), image, label, fg)
+        self._check_share("end of stream", at_end=True)
 
     def _skip(self, key: str, exc: Exception) -> None:
         self.skipped += 1
+        self.last_bad = key
         if self.skipped == 1:
-            log.warning("skipping corrupt sample %s (%s); further ones are only counted", key, exc)
-        if (self.seen >= MIN_SEEN_FOR_THRESHOLD
-                and self.skipped / self.seen > self.max_corrupt_fraction):
-            raise DataError(f"{self.skipped} of {self.seen} samples are corrupt (last: {key}); "
-                            f"more than data.max_corrupt_fraction={self.max_corrupt_fraction}")
+            log.warning("skipping corrupt sample %s (%s); further ones are only counted", key,
+                        str(exc)[:200])
+
+    def _check_share(self, where: str, at_end: bool = False) -> None:
+        if not self.skipped or (self.seen < MIN_SEEN_FOR_THRESHOLD and not at_end):
+            return
+        if self.skipped / self.seen > self.max_corrupt_fraction:
+            raise DataError(f"{self.skipped} of {self.seen} samples are corrupt (last: "
+                            f"{self.last_bad}); more than "
+                            f"data.max_corrupt_fraction={self.max_corrupt_fraction}")
+
+
+def _pil_decode(data: bytes, mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert(mode))
 
 
 def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -131,7 +144,7 @@ def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[An
 
 class TrainStream(IterableDataset):
     """Infinite multi-crop batches for one rank: ``{"global": (2,B,3,S,S), "local": (L,B,3,s,s),
-    "label": (B,), "skipped": int, "seen": int}``."""
+    "label": (B,), "key": [...], "skipped": int, "seen": int}`` (counts since the last batch)."""
 
     def __init__(self, dataset: Dataset, split: str, transform: MultiCropTransform,
                  batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -151,20 +164,26 @@ class TrainStream(IterableDataset):
             torch.manual_seed(rng.getrandbits(63))  # crop randomness per reader and epoch
         decoder = Decoder(self.num_classes, self.min_size, self.max_corrupt_fraction)
 
+        # One shard assignment per epoch (same shuffle on every reader, so it is disjoint);
+        # each pass over the reader's own shards then gets its own order.
+        urls = list(self.urls)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
+        mine, stride = split_shards(urls, reader, readers)
+
         def samples() -> Iterator[DecodedSample]:
             for cycle in itertools.count():
-                urls = list(self.urls)  # same order on every reader, so the split is disjoint
-                random.Random(f"{self.seed}/{self.epoch}/{cycle}").shuffle(urls)
-                mine, stride = split_shards(urls, reader, readers)
-                yield from decoder(read_samples(mine, stride, reader))
+                order = list(mine)
+                random.Random(f"{self.seed}/{self.epoch}/{reader}/{cycle}").shuffle(order)
+                yield from decoder(read_samples(order, stride, reader))
 
         batch, last_skipped, last_seen = [], 0, 0
         for s in _shuffle(samples(), max(1, self.shuffle_buffer), rng):
-            batch.append((self.transform(s.image), s.label))
+            batch.append((self.transform(s.image), s.label, s.key))
             if len(batch) == self.batch_size:
                 yield {"global": _stack_views([b[0][0] for b in batch]),
                        "local": _stack_views([b[0][1] for b in batch]),
                        "label": torch.tensor([b[1] for b in batch]),
+                       "key": [b[2] for b in batch],
                        "skipped": decoder.skipped - last_skipped, "seen": decoder.seen - last_seen}
                 batch, last_skipped, last_seen = [], decoder.skipped, decoder.seen
 

@@ -1,0 +1,138 @@
+"""The CLI's error rule (one ``error:`` line, exit 2, no traceback) and smoke runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+from run_pipeline import main
+
+
+def run_main(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own exits
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, *words):
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["pretrain-local", "--preset", "nope"], ["preset 'nope' not found", "tiny-cpu"]),
+    (["pretrain-local", "masking.ratio=[0.6,0.2]"], ["masking.ratio"]),
+    (["pretrain-local", "data.path=/nonexistent/dir"], ["/nonexistent/dir/dataset.json"]),
+    (["pretrain-local", "--config", "/nonexistent.yaml"], ["/nonexistent.yaml"]),
+    (["bench-step", "--strategies", "random,bogus"], ["bogus", "attmask_high"]),
+    (["prepare-data", "--source", "bogus", "--out", "/tmp/x"], ["--source", "synthetic"]),
+    (["prepare-data", "--source", "npz", "--out", "/tmp/x"], ["needs --from"]),
+    (["prepare-data", "--source", "npz", "--from", "/nonexistent", "--out", "/tmp/x"],
+     ["/nonexistent"]),
+    (["prepare-data", "--source", "synthetic", "--out", "/tmp/x", "--num-classes", "50"],
+     ["num_classes"]),
+    (["bench-data", "--data", "/nonexistent"], ["/nonexistent/dataset.json"]),
+    (["no-such-command"], ["invalid choice"]),
+    (["prepare-data", "--out", "/tmp/x"], ["--source"]),
+])
+def test_bad_input_prints_one_error_line_and_exits_2(capsys, argv, words):
+    code, _, err = run_main(capsys, *argv)
+    assert_one_error_line(code, err, *words)
+
+
+def test_debug_flag_shows_the_traceback(capsys):
+    with pytest.raises(Exception, match="not found"):
+        main(["--debug", "pretrain-local", "--preset", "nope"])
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("pretrain-local", "bench-step", "prepare-data", "bench-data"):
+        assert cmd in out
+
+
+def test_worker_side_data_error_is_one_line_from_a_real_process(tmp_path, synthetic_dir):
+    """A label error raised inside a DataLoader worker process still prints one line."""
+    import shutil
+
+    import webdataset as wds
+
+    from attmask.data.shards import png_bytes, sha256_file
+    import numpy as np
+
+    data = tmp_path / "bad"
+    shutil.copytree(synthetic_dir, data)
+    manifest = json.loads((data / "dataset.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        with wds.TarWriter(str(data / shard["file"])) as w:
+            for i in range(shard["num_samples"]):
+                w.write({"__key__": f"k{i}", "png": png_bytes(np.zeros((32, 32, 3), np.uint8)),
+                         "cls": b"42"})
+        shard["sha256"] = sha256_file(data / shard["file"])
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "pretrain-local",
+                           *TINY, f"data.path={data}", "data.num_workers=1",
+                           f"train.output_dir={tmp_path}/runs"],
+                          capture_output=True, text=True, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "label 42 outside the manifest's 10 classes" in lines[0]
+
+
+def test_prepare_data_and_pretrain_local_smoke(capsys, tmp_path):
+    out = tmp_path / "d"
+    code, stdout, _ = run_main(capsys, "prepare-data", "--source", "synthetic", "--out", str(out),
+                               "--num-samples", "48", "--num-test-samples", "8")
+    assert code == 0 and "wrote" in stdout and "train 48 in 8 shards" in stdout
+    code, stdout, _ = run_main(capsys, "prepare-data", "--source", "synthetic", "--out", str(out),
+                               "--num-samples", "48", "--num-test-samples", "8")
+    assert code == 0 and "nothing to do" in stdout
+    code, stdout, _ = run_main(capsys, "pretrain-local", *TINY, f"data.path={out}",
+                               "train.epochs=1", f"train.output_dir={tmp_path / 'runs'}")
+    assert code == 0 and "done: 6 steps" in stdout and "epoch 1/1 step 6/6" in stdout
+
+
+def test_bench_step_reports_ratios_bound_and_flops(capsys, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    data = {}
+    for item in TINY:
+        key, value = item.split("=", 1)
+        section, field = key.split(".")
+        data.setdefault(section, {})[field] = yaml.safe_load(value)
+    cfg.write_text(yaml.safe_dump(data))
+    out = tmp_path / "bench.json"
+    code, _, _ = run_main(capsys, "bench-step", "--config", str(cfg), "--steps", "2",
+                          "--warmup", "1", "--strategies", "random,attmask_hint",
+                          "--json", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    hint = result["strategies"]["attmask_hint"]
+    assert result["strategies"]["random"]["ratio_to_random"] == 1.0
+    assert hint["images_per_s"] > 0 and hint["timed_steps"] == 2 and hint["gflop_per_step"] > 0
+    assert 2.0 < result["ibot_image_cost_in_plain_images"] < 6.0
+    assert result["bound_images_per_s"] > 0 and result["matmul_peak_gflop_s"]["fp32"] > 0
+    assert result["peak_rss_mb"] > 0
+
+
+def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
+    out = tmp_path / "data.json"
+    code, _, _ = run_main(capsys, "bench-data", "--data", str(synthetic_dir), "--workers", "0",
+                          "--batches", "1", "--batch-size", "4", "--json", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result["settings"]) == {"tiny-cpu", "224px-10local"}
+    assert all(s["images_per_s"] > 0 for s in result["settings"].values())

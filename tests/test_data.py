@@ -1,0 +1,347 @@
+"""Sources -> shards -> streams, and every bad-input case of the data issue."""
+import functools
+import http.server
+import io
+import json
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from attmask.data.prepare import PrepareArgs, prepare_data
+from attmask.data.shards import MANIFEST, load_dataset, png_bytes, sha256_file
+from attmask.data.stream import EvalStream, TrainStream, make_loader
+from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
+from attmask.data.transforms import EvalTransform, MultiCropTransform
+from attmask.errors import DataError
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+# ---------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_is_deterministic_by_seed():
+    a, b, c = (ObjectsOnBackgrounds(32, seed=s) for s in (0, 0, 1))
+    assert np.array_equal(a.sample("train", 5).image, b.sample("train", 5).image)
+    assert not np.array_equal(a.sample("train", 5).image, c.sample("train", 5).image)
+    assert not np.array_equal(a.sample("train", 5).image, a.sample("test", 5).image)
+
+
+def test_background_correlates_with_class_in_train():
+    gen = ObjectsOnBackgrounds(32, bg_correlation=0.8)
+    samples = [gen.sample("train", i) for i in range(1000)]
+    match = np.mean([s.meta["background"] == BACKGROUNDS[gen.class_family(s.label)]
+                     for s in samples])
+    assert 0.77 < match < 0.87  # 0.8 + 0.2 / 10 by chance
+    assert set(Counter(s.label for s in samples)) == set(range(10))
+    uncorrelated = ObjectsOnBackgrounds(32, bg_correlation=0.0)
+    match0 = np.mean([uncorrelated.sample("train", i).meta["background"]
+                      == BACKGROUNDS[uncorrelated.sample("train", i).label] for i in range(500)])
+    assert match0 < 0.2
+
+
+def test_variants_are_paired_imagenet9_style():
+    gen = ObjectsOnBackgrounds(32)
+    v = gen.variants(3)
+    assert set(v) == set(VARIANTS)
+    fg = v["original"].fg
+    assert fg.any() and not fg.all()
+    assert len({s.label for s in v.values()}) == 1
+    near = fg.copy()  # the anti-aliased rim lies within one pixel of the mask
+    for axis in (0, 1):
+        for shift in (-1, 1):
+            near |= np.roll(fg, shift, axis)
+    assert (v["only_fg"].image[~near].max(-1) > 0).mean() < 0.02  # background removed
+    assert np.abs(v["only_fg"].image[fg].astype(int) - v["original"].image[fg]).mean() < 30
+    assert not v["only_bg"].fg.any()
+    label = v["original"].label
+    assert v["mixed_same"].meta["background"] == BACKGROUNDS[gen.class_family(label)]
+    for name in ("mixed_same", "mixed_rand"):
+        assert np.array_equal(v[name].fg, fg)  # same object, other background
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_synthetic_image_sizes(size):
+    s = ObjectsOnBackgrounds(size).sample("train", 0)
+    assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
+    assert s.fg.shape == (size, size) and 0.02 < s.fg.mean() < 0.6
+
+
+# ------------------------------------------------------------------------------------- shards
+
+def test_prepare_synthetic_writes_manifest_and_is_idempotent(synthetic_dir):
+    manifest = json.loads((synthetic_dir / MANIFEST).read_text())
+    assert manifest["classes"][:3] == ["disk", "square", "triangle"]
+    assert manifest["image_size"] == 32 and manifest["has_fg"]
+    assert set(manifest["splits"]) == {"train", "test"} | {f"test_{v}" for v in VARIANTS}
+    train = manifest["splits"]["train"]
+    assert train["num_samples"] == 160 and len(train["shards"]) == 8
+    for shard in train["shards"]:
+        assert sha256_file(synthetic_dir / shard["file"]) == shard["sha256"]
+    with tarfile.open(synthetic_dir / train["shards"][0]["file"]) as tar:
+        names = tar.getnames()
+    assert {"train0000000.png", "train0000000.cls", "train0000000.fg.png",
+            "train0000000.json"} <= set(names)
+    mtime = (synthetic_dir / train["shards"][0]["file"]).stat().st_mtime_ns
+    _, written = prepare_data(PrepareArgs(source="synthetic", out=str(synthetic_dir),
+                                          num_samples=160, num_test_samples=32, seed=1))
+    assert not written
+    assert (synthetic_dir / train["shards"][0]["file"]).stat().st_mtime_ns == mtime
+
+
+def test_prepare_rewrites_when_arguments_change(tmp_path):
+    a = PrepareArgs(source="synthetic", out=str(tmp_path), num_samples=20, num_test_samples=4)
+    prepare_data(a)
+    a.num_samples = 30
+    manifest, written = prepare_data(a)
+    assert written and manifest["splits"]["train"]["num_samples"] == 30
+
+
+def write_npz(folder: Path, name: str, n: int, size: int = 8, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    np.savez(folder / name, images=rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+             labels=np.arange(n) % classes)
+
+
+def test_npz_source_splits_by_prefix_with_caps_and_per_class(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_npz(src, "train_00.npz", 12)
+    write_npz(src, "train_01.npz", 9, seed=1)
+    write_npz(src, "test.npz", 6)
+    write_npz(src, "test_mixed_rand.npz", 5)
+    manifest, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src),
+                                           out=str(tmp_path / "out")))
+    splits = manifest["splits"]
+    assert splits["train"]["num_samples"] == 21 and splits["test"]["num_samples"] == 6
+    assert splits["test_mixed_rand"]["num_samples"] == 5 and manifest["image_size"] == 8
+    assert manifest["classes"] == ["0", "1", "2"]
+    per_class, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), per_class=2,
+                                            out=str(tmp_path / "pc")))
+    assert per_class["splits"]["train"]["num_samples"] == 6
+    capped, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), num_samples=10,
+                                         out=str(tmp_path / "cap")))
+    assert capped["splits"]["train"]["num_samples"] == 10
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "test.npz").is_file(), reason="shared CIFAR-10 absent")
+def test_cifar10_from_shared_npz(tmp_path):
+    manifest, _ = prepare_data(PrepareArgs(source="cifar10", from_path=str(SHARED_CIFAR),
+                                           out=str(tmp_path), num_samples=200,
+                                           num_test_samples=50))
+    assert manifest["classes"][0] == "airplane" and manifest["image_size"] == 32
+    assert manifest["splits"]["train"]["num_samples"] == 200
+    assert manifest["splits"]["test"]["num_samples"] == 50
+
+
+def test_imagefolder_train_val_layout_passes_files_through(tmp_path):
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 36), (i * 40, 10, 200)).save(d / f"{i}.jpg")
+    manifest, _ = prepare_data(PrepareArgs(source="imagefolder", from_path=str(root),
+                                           out=str(tmp_path / "out"), per_class=2))
+    assert manifest["classes"] == ["cat", "dog"] and manifest["image_size"] == 36
+    assert manifest["splits"]["train"]["num_samples"] == 4
+    assert manifest["splits"]["test"]["num_samples"] == 4
+    first = manifest["splits"]["train"]["shards"][0]["file"]
+    with tarfile.open(tmp_path / "out" / first) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        assert tar.extractfile(member).read() == (root / "train" / "cat" / "0.jpg").read_bytes()
+
+
+def test_source_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        prepare_data(PrepareArgs(source="imagefolder", from_path=str(tmp_path / "empty"),
+                                 out=str(tmp_path / "o")))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DataError, match="no .npz files"):
+        prepare_data(PrepareArgs(source="npz", from_path=str(tmp_path / "none"),
+                                 out=str(tmp_path / "o2")))
+
+
+# ------------------------------------------------------------------------------------ streams
+
+def loader_keys(stream, workers=2, limit=None):
+    keys = []
+    for batch in make_loader(stream, workers):
+        keys += batch["key"]
+        if limit and len(keys) >= limit:
+            break
+    return keys
+
+
+def test_eval_stream_every_sample_once_across_ranks_and_workers(synthetic_dir):
+    ds = load_dataset(synthetic_dir)
+    per_rank = [loader_keys(EvalStream(ds, "train", EvalTransform(32), 16, rank=r,
+                                       world_size=2)) for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"train{i:07d}" for i in range(160))
+    again = loader_keys(EvalStream(ds, "train", EvalTransform(32), 16, rank=0, world_size=2))
+    assert again == per_rank[0]  # deterministic order
+
+
+def test_train_stream_ranks_and_workers_read_disjoint_shards(synthetic_dir):
+    ds = load_dataset(synthetic_dir)
+    transform = MultiCropTransform(32, 16, local_number=1)
+    def keys(buffer, limit):
+        return [loader_keys(TrainStream(ds, "train", transform, 8, rank=r, world_size=2,
+                                        shuffle_buffer=buffer), limit=limit) for r in range(2)]
+
+    first_pass = keys(1, 80)  # 8 shards, 2 ranks x 2 workers: 2 shards (40 samples) per reader
+    assert len(set(first_pass[0])) == 80 and not set(first_pass[0]) & set(first_pass[1])
+    assert len(set(first_pass[0]) | set(first_pass[1])) == 160  # together: everything
+    shuffled = keys(16, 240)  # several passes with a shuffle buffer: still disjoint
+    assert not set(shuffled[0]) & set(shuffled[1])
+    assert shuffled[0][:80] != first_pass[0]
+
+
+def test_fewer_shards_than_readers_split_by_sample(tmp_path):
+    prepare_data(PrepareArgs(source="synthetic", out=str(tmp_path), num_samples=24,
+                             num_test_samples=4, shard_size=12))
+    ds = load_dataset(tmp_path)
+    assert len(ds.shard_urls("train")) == 2  # 2 shards, 2 ranks x 2 workers = 4 readers
+    per_rank = [loader_keys(EvalStream(ds, "train", EvalTransform(32), 4, rank=r,
+                                       world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 12
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"train{i:07d}" for i in range(24))
+    transform = MultiCropTransform(32, 16, local_number=0)
+    train_keys = loader_keys(TrainStream(ds, "train", transform, 3, rank=1, world_size=2), limit=6)
+    assert len(train_keys) >= 6  # no reader is left empty
+
+
+def test_train_batches_have_the_engine_layout(synthetic_dir):
+    ds = load_dataset(synthetic_dir)
+    stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=3), 5)
+    batch = next(iter(make_loader(stream, 0)))
+    assert batch["global"].shape == (2, 5, 3, 32, 32) and batch["global"].dtype == torch.float32
+    assert batch["local"].shape == (3, 5, 3, 16, 16)
+    assert batch["label"].shape == (5,) and batch["skipped"] == 0
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_url_stream_matches_file_stream(synthetic_dir):
+    handler = functools.partial(QuietHandler, directory=str(synthetic_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote, local = load_dataset(url), load_dataset(synthetic_dir)
+        assert remote.manifest == local.manifest
+        get = lambda ds: [(k, int(l)) for b in make_loader(  # noqa: E731
+            EvalStream(ds, "test", EvalTransform(32), 8), 0) for k, l in zip(b["key"], b["label"])]
+        assert get(remote) == get(local) and len(get(local)) == 32
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def write_raw_shards(folder: Path, records: list[dict], classes=3, size=32, per_shard=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard = per_shard or len(records)
+    shards = []
+    for start in range(0, len(records), per_shard):
+        name = f"train-{len(shards):06d}.tar"
+        with wds.TarWriter(str(folder / name)) as w:
+            for r in records[start:start + per_shard]:
+                w.write(r)
+        shards.append({"file": name, "num_samples": len(records[start:start + per_shard]),
+                       "sha256": sha256_file(folder / name)})
+    manifest = {"format": "attmask-shards/1", "classes": [str(i) for i in range(classes)],
+                "image_size": size, "splits": {"train": {"num_samples": len(records),
+                                                         "shards": shards}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return load_dataset(folder)
+
+
+def good(i, label=0, size=32):
+    img = np.full((size, size, 3), i % 255, np.uint8)
+    return {"__key__": f"s{i:05d}", "png": png_bytes(img), "cls": str(label).encode()}
+
+
+def eval_all(ds, **kw):
+    return [k for b in make_loader(EvalStream(ds, "train", EvalTransform(32), 8, **kw), 0)
+            for k in b["key"]]
+
+
+def test_missing_manifest_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope" / MANIFEST)):
+        load_dataset(tmp_path / "nope")
+
+
+def test_missing_shard_and_checksum_mismatch_name_the_shard(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(i) for i in range(10)], per_shard=5)
+    ds.check_shards("train")
+    shard = tmp_path / "d" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-000001.tar: sha256"):
+        ds.check_shards("train")
+    ds.check_shards("train", verify=False)
+    shard.unlink()
+    with pytest.raises(DataError, match="shard missing: .*train-000001.tar"):
+        ds.check_shards("train")
+
+
+def test_truncated_shard_is_named(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(i) for i in range(10)])
+    shard = tmp_path / "d" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:700] + b"garbage" * 100)
+    with pytest.raises(DataError, match="train-000000.tar"):
+        eval_all(ds)
+
+
+def test_corrupt_samples_are_skipped_counted_and_bounded(tmp_path, caplog):
+    records = [good(i) for i in range(200)]
+    records[7]["png"] = b"not a png"
+    records[50]["png"] = b"\x89PNG broken"
+    ds = write_raw_shards(tmp_path / "d", records)
+    keys = eval_all(ds, max_corrupt_fraction=0.05)
+    assert len(keys) == 198 and "s00007" not in keys
+    assert "s00007" in caplog.text and caplog.text.count("skipping corrupt") == 1
+    stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=0), 50,
+                         shuffle_buffer=1, max_corrupt_fraction=0.05)
+    batches = [b for _, b in zip(range(4), make_loader(stream, 0))]
+    assert sum(b["skipped"] for b in batches) == 2
+    with pytest.raises(DataError, match="2 of 1.. samples are corrupt"):
+        eval_all(ds, max_corrupt_fraction=0.005)
+
+
+def test_label_outside_classes_is_an_error(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(0), good(1, label=7)], classes=3)
+    with pytest.raises(DataError, match="label 7 outside the manifest's 3 classes"):
+        eval_all(ds)
+
+
+def test_image_smaller_than_global_crop_is_an_error(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(0, size=16)], size=16)
+    stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=0), 1,
+                         min_size=32)
+    with pytest.raises(DataError, match="smaller than the crop size 32"):
+        next(iter(make_loader(stream, 0)))
+
+
+def test_empty_or_unknown_split_is_an_error(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(0)])
+    ds.manifest["splits"]["train"] = {"num_samples": 0, "shards": []}
+    with pytest.raises(DataError, match="'train' .* is empty"):
+        ds.shard_urls("train")
+    with pytest.raises(DataError, match="split 'val' not in"):
+        ds.shard_urls("val")
