@@ -171,6 +171,14 @@ class TrainConfig:
     checkpoint_keep: int = 2
     run_name: Optional[str] = None
     output_dir: str = "runs"
+    # Online monitor (AttMask section 3.9): teacher k-NN on a small labelled split.
+    knn_every_epochs: int = 1  # 0 disables
+    knn_split: str = "test"
+    knn_train_samples: int = 1000
+    knn_test_samples: int = 500
+    # Fault injection for reliability tests: this rank exits at this step (once per run).
+    inject_fault_at_step: Optional[int] = None
+    inject_fault_rank: int = 0
 
     def validate(self, p: str) -> None:
         _range(f"{p}.epochs", self.epochs, 1, 100_000)
@@ -180,6 +188,9 @@ class TrainConfig:
         _range(f"{p}.log_every_steps", self.log_every_steps, 1, 1 << 30)
         _range(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 30)
         _range(f"{p}.checkpoint_keep", self.checkpoint_keep, 1, 1000)
+        _range(f"{p}.knn_every_epochs", self.knn_every_epochs, 0, 100_000)
+        _range(f"{p}.knn_train_samples", self.knn_train_samples, 1, 1 << 24)
+        _range(f"{p}.knn_test_samples", self.knn_test_samples, 1, 1 << 24)
 
 
 @dataclass
@@ -209,6 +220,12 @@ class DataConfig:
 class TrackingConfig:
     uri: Optional[str] = None  # None: sqlite database under the storage path
     experiment: str = "attmask"
+    log_images_every_epochs: int = 5  # attention/mask grid PNG; 0 disables
+    timeout_s: float = 5.0  # per request to a tracking server; logging never blocks training
+
+    def validate(self, p: str) -> None:
+        _range(f"{p}.log_images_every_epochs", self.log_images_every_epochs, 0, 100_000)
+        _range(f"{p}.timeout_s", self.timeout_s, 0.1, 600)
 
 
 @dataclass
@@ -243,6 +260,7 @@ class Config:
         self.optim.validate("optim")
         self.train.validate("train")
         self.data.validate("data")
+        self.tracking.validate("tracking")
         self.ray.validate("ray")
         return self
 

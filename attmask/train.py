@@ -1,5 +1,6 @@
-"""Single-process pretraining loop (``run_pipeline.py pretrain-local``), also the body that the
-Ray pipeline runs on every worker: epochs over the shard stream, progress, checkpoints, resume.
+"""The pretraining loop, shared by ``pretrain-local`` (one process) and the Ray pipeline (every
+worker): epochs over the shard stream, console progress, the online k-NN monitor, checkpoints
+and resume. Where checkpoints and metrics go is decided by the caller's :class:`Hooks`.
 """
 from __future__ import annotations
 
@@ -17,18 +18,32 @@ from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import steps_per_epoch, train_batches
 from attmask.engine import Engine, check_finite, load_checkpoint
 from attmask.errors import ConfigError, DataError
+from attmask.monitor import OnlineKnn
 
 CHECKPOINT_GLOB = "step_*.pt"
 
 
 @dataclass
-class RunSummary:
-    run_dir: Path
+class Hooks:
+    """Where the loop's outputs go.
+
+    ``checkpoint(engine, metrics)`` persists the full state (called at the end of every epoch,
+    every ``train.checkpoint_every_steps`` and when the loop stops); ``log(metrics)`` receives
+    the metrics of every logged step; ``fault()`` is called when fault injection fires. Metrics
+    logged since the last checkpoint are replayed after a crash, so sinks that must not repeat a
+    step buffer them until the next checkpoint.
+    """
+
+    checkpoint: Callable[[Engine, dict], None]
+    log: Callable[[dict], None] = lambda metrics: None
+    fault: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class LoopResult:
     steps: int
-    epochs: int
-    resumed_from: Optional[int]
-    final_metrics: dict[str, float]
     images_per_s: float
+    final_metrics: dict
     skipped_samples: int
     history: list[dict] = field(default_factory=list)
 
@@ -46,6 +61,73 @@ def open_dataset(cfg: Config) -> Dataset:
     return dataset
 
 
+def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, rank: int = 0,
+             world_size: int = 1, max_steps: Optional[int] = None,
+             print_fn: Callable[[str], None] = print) -> LoopResult:
+    """Train from ``engine.step`` to the end (or ``max_steps``), resuming mid-epoch if needed."""
+    steps = engine.steps_per_epoch
+    last = min(max_steps or engine.total_steps, engine.total_steps)
+    monitor = OnlineKnn(dataset, cfg) if rank == 0 else None
+    global_batch = cfg.train.batch_size_per_worker * world_size
+    history, skipped, floats, knn = [], 0, {}, {}
+    start, start_step = time.perf_counter(), engine.step
+    checkpointed = engine.step
+    while engine.step < last:
+        epoch = engine.epoch
+        for batch in train_batches(dataset, cfg, epoch=epoch, steps=steps, rank=rank,
+                                   world_size=world_size, skip=engine.step % steps):
+            metrics = engine.train_step(batch["global"], batch["local"])
+            skipped += batch["skipped"]
+            end_of_epoch = engine.step % steps == 0
+            every = cfg.train.checkpoint_every_steps
+            checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
+            if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now:
+                floats = metrics.as_floats()
+                check_finite(floats, engine.step)
+                elapsed = time.perf_counter() - start
+                rate = (engine.step - start_step) * global_batch / max(elapsed, 1e-9)
+                eta = (last - engine.step) * global_batch / max(rate, 1e-9)
+                floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1, **knn)
+                history.append(floats)
+                hooks.log(floats)
+                if rank == 0:
+                    print_fn(f"epoch {epoch + 1}/{cfg.train.epochs} step {engine.step}/"
+                             f"{engine.total_steps} loss {floats['loss']:.4f} masked "
+                             f"{floats['masked_fraction']:.3f} lr {floats['lr']:.2e} "
+                             f"{rate:.1f} img/s ETA {eta:.0f}s")
+            if end_of_epoch and monitor is not None and monitor.due(epoch):
+                knn = monitor(engine.teacher.backbone, engine.device)
+                floats.update(knn)
+                print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
+            if checkpoint_now:
+                hooks.checkpoint(engine, dict(floats, end_of_epoch=end_of_epoch))
+                checkpointed = engine.step
+            if (cfg.train.inject_fault_at_step == engine.step
+                    and rank == cfg.train.inject_fault_rank and hooks.fault is not None):
+                hooks.fault()
+            if engine.step >= last:
+                break
+    if checkpointed != engine.step:  # stopped early (max_steps): keep what was done
+        hooks.checkpoint(engine, dict(floats, end_of_epoch=False))
+    elapsed = time.perf_counter() - start
+    return LoopResult(engine.step, (engine.step - start_step) * global_batch / max(elapsed, 1e-9),
+                      floats, skipped, history)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single process
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    resumed_from: Optional[int]
+    final_metrics: dict[str, float]
+    images_per_s: float
+    skipped_samples: int
+
+
 def default_run_name(cfg: Config) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     return f"{cfg.masking.strategy}-{stamp}"
@@ -54,11 +136,6 @@ def default_run_name(cfg: Config) -> str:
 def latest_checkpoint(directory: Path) -> Optional[Path]:
     found = sorted(directory.glob(CHECKPOINT_GLOB))
     return found[-1] if found else None
-
-
-def prune_checkpoints(directory: Path, keep: int) -> None:
-    for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-keep]:
-        old.unlink()
 
 
 def export_teacher(engine: Engine, path: Path) -> Path:
@@ -76,8 +153,7 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
                    max_steps: Optional[int] = None) -> RunSummary:
     """Train ``cfg`` in this process; resumes when ``train.run_name`` has checkpoints already."""
     dataset = open_dataset(cfg)
-    steps = steps_per_epoch(dataset, cfg)
-    engine = Engine(cfg, steps, device=device)
+    engine = Engine(cfg, steps_per_epoch(dataset, cfg), device=device)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
     ckpt_dir = run_dir / "checkpoints"
     resumed_from = None
@@ -92,44 +168,23 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     log(f"run {run_dir} | {cfg.masking.strategy} | {engine.total_steps} steps "
-        f"({cfg.train.epochs} epochs x {steps}) | device {engine.device} {engine.precision}")
+        f"({cfg.train.epochs} epochs x {engine.steps_per_epoch}) | device {engine.device} "
+        f"{engine.precision}")
 
-    last = max_steps if max_steps is not None else engine.total_steps
-    history, skipped, floats = [], 0, {}
-    batch_images = cfg.train.batch_size_per_worker
-    start, start_step = time.perf_counter(), engine.step
-    with open(run_dir / "metrics.jsonl", "a") as metrics_file:
-        while engine.step < min(last, engine.total_steps):
-            epoch = engine.epoch
-            for batch in train_batches(dataset, cfg, epoch=epoch, steps=steps,
-                                       skip=engine.step % steps):
-                metrics = engine.train_step(batch["global"], batch["local"])
-                skipped += batch["skipped"]
-                end_of_epoch = engine.step % steps == 0
-                if engine.step % cfg.train.log_every_steps == 0 or end_of_epoch:
-                    floats = metrics.as_floats()
-                    check_finite(floats, engine.step)
-                    elapsed = time.perf_counter() - start
-                    rate = (engine.step - start_step) * batch_images / max(elapsed, 1e-9)
-                    eta = (min(last, engine.total_steps) - engine.step) * batch_images / max(rate, 1e-9)
-                    floats.update(images_per_s=rate, step=engine.step, epoch=epoch)
-                    history.append(floats)
-                    metrics_file.write(json.dumps(floats) + "\n")
-                    log(f"epoch {epoch + 1}/{cfg.train.epochs} step {engine.step}/"
-                        f"{engine.total_steps} loss {floats['loss']:.4f} "
-                        f"masked {floats['masked_fraction']:.3f} lr {floats['lr']:.2e} "
-                        f"{rate:.1f} img/s ETA {eta:.0f}s")
-                every = cfg.train.checkpoint_every_steps
-                if end_of_epoch or (every and engine.step % every == 0):
-                    check_finite(metrics.as_floats(), engine.step)
-                    engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
-                    prune_checkpoints(ckpt_dir, cfg.train.checkpoint_keep)
-                if engine.step >= last:
-                    break
-    if skipped:
-        log(f"skipped {skipped} corrupt samples")
+    pending: list[dict] = []  # metrics become durable with the checkpoint of their step
+
+    def checkpoint(engine: Engine, metrics: dict) -> None:
+        engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
+        for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-cfg.train.checkpoint_keep]:
+            old.unlink()
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps(m) + "\n" for m in pending)
+        pending.clear()
+
+    result = run_loop(engine, dataset, cfg, Hooks(checkpoint=checkpoint, log=pending.append),
+                      max_steps=max_steps, print_fn=log)
+    if result.skipped_samples:
+        log(f"skipped {result.skipped_samples} corrupt samples")
     export_teacher(engine, run_dir / "teacher_backbone.safetensors")
-    elapsed = time.perf_counter() - start
-    return RunSummary(run_dir, engine.step, cfg.train.epochs, resumed_from, floats,
-                      (engine.step - start_step) * batch_images / max(elapsed, 1e-9), skipped,
-                      history)
+    return RunSummary(run_dir, result.steps, resumed_from, result.final_metrics,
+                      result.images_per_s, result.skipped_samples)

@@ -58,6 +58,18 @@ class MaskedViT(VisionTransformer):
         x = self.norm(x)
         return ViTOutput(cls=x[:, 0], patches=x[:, self.num_prefix_tokens:], attention=attention)
 
+    @torch.no_grad()
+    def cls_features(self, images: torch.Tensor, n_last_blocks: int = 1) -> torch.Tensor:
+        """Concatenated [CLS] tokens of the last ``n_last_blocks`` blocks, each through the final
+        norm (DINO's ``get_intermediate_layers`` protocol for k-NN and linear probes)."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n_last_blocks:
+                outputs.append(self.norm(x[:, 0]))
+        return torch.cat(outputs, dim=-1)
+
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights ``timm.create_model`` loads (everything but the mask token)."""
         return {k: v for k, v in self.state_dict().items() if k != "mask_token"}
