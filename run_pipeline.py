@@ -53,6 +53,19 @@ def cmd_pretrain_local(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from pipelines.pretrain import run_pretrain
+
+    cfg = load_cfg(args)
+    result = run_pretrain(cfg, address=args.address)
+    metrics = {k: round(v, 4) for k, v in result.metrics.items()
+               if k in ("loss", "knn_top1", "images_per_s")}
+    print(f"done: {result.run_name}, {result.steps} steps in {result.wall_s:.0f}s, {metrics}; "
+          f"MLflow run {result.mlflow_run_id} ({result.tracking_uri}); checkpoints under "
+          f"{result.storage_path}/{result.run_name}")
+    return 0
+
+
 def cmd_bench_step(args) -> int:
     import torch
     from attmask import masking
@@ -126,6 +139,12 @@ def build_parser() -> Parser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     p.set_defaults(func=cmd_pretrain_local)
+
+    p = sub.add_parser("pretrain", help="distributed pretraining on Ray Train, tracked in MLflow")
+    add_config_args(p, "tiny-cpu")
+    p.add_argument("--address", help="attach to a running cluster (auto, ray://...); default: "
+                                     "start a local Ray instance")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("bench-step", help="time training steps per masking strategy")
     add_config_args(p, "vit-tiny-224")

@@ -176,9 +176,11 @@ class TrainConfig:
     knn_split: str = "test"
     knn_train_samples: int = 1000
     knn_test_samples: int = 500
-    # Fault injection for reliability tests: this rank exits at this step (once per run).
+    # Fault injection for reliability tests: at this step this rank exits (once per run) or
+    # sees a non-finite loss.
     inject_fault_at_step: Optional[int] = None
     inject_fault_rank: int = 0
+    inject_fault_kind: Literal["exit", "nan"] = "exit"
 
     def validate(self, p: str) -> None:
         _range(f"{p}.epochs", self.epochs, 1, 100_000)

@@ -78,10 +78,14 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                                    world_size=world_size, skip=engine.step % steps):
             metrics = engine.train_step(batch["global"], batch["local"])
             skipped += batch["skipped"]
+            fault = (cfg.train.inject_fault_at_step == engine.step
+                     and rank == cfg.train.inject_fault_rank)
+            if fault and cfg.train.inject_fault_kind == "nan":
+                metrics.values["loss"] = torch.tensor(float("nan"))
             end_of_epoch = engine.step % steps == 0
             every = cfg.train.checkpoint_every_steps
             checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
-            if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now:
+            if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now or fault:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)
                 elapsed = time.perf_counter() - start
@@ -102,8 +106,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             if checkpoint_now:
                 hooks.checkpoint(engine, dict(floats, end_of_epoch=end_of_epoch))
                 checkpointed = engine.step
-            if (cfg.train.inject_fault_at_step == engine.step
-                    and rank == cfg.train.inject_fault_rank and hooks.fault is not None):
+            if fault and cfg.train.inject_fault_kind == "exit" and hooks.fault is not None:
                 hooks.fault()
             if engine.step >= last:
                 break

@@ -34,3 +34,18 @@ def synthetic_dir(tmp_path_factory) -> Path:
     prepare_data(PrepareArgs(source="synthetic", out=str(out), num_samples=160,
                              num_test_samples=32, seed=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (each start costs seconds); only stopped
+    here, by this process, never with ``ray stop``."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
+    yield
+    ray.shutdown()

@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from attmask.engine import Engine, NonFiniteLossError, StepMetrics, load_checkpoint
+from attmask.engine import NonFiniteLossError, StepMetrics, load_checkpoint
 from attmask.errors import ConfigError, DataError
 from attmask.train import pretrain_local
 from conftest import tiny_config
@@ -51,18 +51,9 @@ def test_same_run_name_resumes_from_latest_checkpoint(synthetic_dir, tmp_path):
                                "optim.lr=0.1"), log=lambda s: None)
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(synthetic_dir, tmp_path,
-                                                                   monkeypatch):
-    real_step = Engine.train_step
-
-    def poisoned(self, *args):
-        metrics = real_step(self, *args)
-        if self.step == 5:
-            metrics.values["loss"] = torch.tensor(float("nan"))
-        return metrics
-
-    monkeypatch.setattr(Engine, "train_step", poisoned)
-    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=nan", "train.checkpoint_every_steps=1")
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(synthetic_dir, tmp_path):
+    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=nan", "train.checkpoint_every_steps=1",
+                  "train.inject_fault_at_step=5", "train.inject_fault_kind=nan")
     with pytest.raises(NonFiniteLossError, match="step 5"):
         pretrain_local(cfg, log=lambda s: None)
     kept = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())

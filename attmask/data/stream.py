@@ -126,7 +126,7 @@ class Decoder:
 
 def _pil_decode(data: bytes, mode: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert(mode))
+        return np.array(im.convert(mode))  # a writable copy for torch.from_numpy
 
 
 def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:

@@ -1,0 +1,75 @@
+"""Pictures of what AttMask hides: images, the teacher's [CLS] attention and each strategy's mask."""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from attmask.data.transforms import MEAN, STD
+from attmask.masking import make_masker
+from attmask.models.vit import MaskedViT
+
+
+def denormalize(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1]."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.detach().float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def attention_and_masks(backbone: MaskedViT, images: torch.Tensor, patch_size: int,
+                        strategies: Sequence[str], layer: int = -1, head_reduce: str = "mean",
+                        ratio: tuple[float, float] = (0.3, 0.3), seed: int = 0):
+    """Teacher attention (B, H, W) and, per strategy, the boolean mask (B, H, W) it would pick
+    (every image masked, one fixed ratio, so the strategies are directly comparable)."""
+    device = next(backbone.parameters()).device
+    grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
+    attn = backbone.forward_tokens(images.to(device), attn_layer=layer,
+                                   head_reduce=head_reduce).attention
+    masks = {}
+    for name in strategies:
+        generator = torch.Generator(device).manual_seed(seed)
+        masker = make_masker(name, ratio=ratio, prob=1.0)
+        masks[name] = masker(attn, grid, generator).view(-1, *grid).cpu()
+    return attn.view(-1, *grid).cpu(), masks
+
+
+def mask_grid_png(images: torch.Tensor, attention: torch.Tensor,
+                  masks: dict[str, torch.Tensor], title: Optional[str] = None) -> bytes:
+    """One row per image: the image, its attention heat map, then each strategy's mask (hidden
+    patches greyed out). Returns PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = denormalize(images)
+    rows, cols = len(pictures), 2 + len(masks)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + (0.4 if title else 0)),
+                             squeeze=False)
+    size = pictures.shape[1:3]
+    for r in range(rows):
+        heat = torch.nn.functional.interpolate(attention[r][None, None].float(), size=size,
+                                               mode="nearest")[0, 0].numpy()
+        panels = [(pictures[r], "image"), (heat, "attention")]
+        for name, mask in masks.items():
+            hidden = torch.nn.functional.interpolate(mask[r][None, None].float(), size=size,
+                                                     mode="nearest")[0, 0].numpy()[..., None]
+            panels.append((pictures[r] * (1 - hidden) + 0.5 * hidden, name))
+        for c, (img, label) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(img, cmap="inferno" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,1 @@
+"""Thin Ray/MLflow orchestration over the ``attmask`` library."""

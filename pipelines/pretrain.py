@@ -1,0 +1,236 @@
+"""Distributed pretraining on Ray Train (V2) with MLflow tracking, full-state checkpoints and
+automatic resume.
+
+The driver validates everything (config, data, tracking store, cluster) before a worker starts,
+creates or finds the run's MLflow run, and launches a ``TorchTrainer``; each worker runs the
+library's training loop with Ray-specific hooks: checkpoints go through ``ray.train.report``,
+rank 0 logs to MLflow from a background thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from attmask.config import Config, from_dict
+from attmask.engine import NonFiniteLossError
+from attmask.errors import ConfigError, UserError
+from attmask.train import default_run_name, open_dataset
+from pipelines import tracking
+from pipelines.ray_session import alive_nodes, ray_session
+
+STATE_FILE = "state.pt"
+VIZ_STRATEGIES = ("random", "block", "attmask_high", "attmask_low", "attmask_hint")
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    storage_path: str
+    steps: int
+    metrics: dict
+    checkpoint_path: Optional[str]
+    logging: dict
+    wall_s: float
+
+
+def storage_path(cfg: Config) -> str:
+    path = cfg.ray.storage_path or str(Path(cfg.train.output_dir).resolve() / "ray")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def validate_cluster(cfg: Config, uri: str, storage: str, num_nodes: int) -> None:
+    """SQLite and node-local storage only work when every rank runs on one machine."""
+    if num_nodes <= 1:
+        return
+    if uri.startswith("sqlite"):
+        raise ConfigError(
+            f"tracking.uri={uri}: SQLite does not work on a {num_nodes}-node cluster (rank 0 may "
+            "run on a worker node); run `mlflow server` on the head node and set "
+            "tracking.uri=http://HEAD:5000, with ray.storage_path on shared storage (s3://... "
+            "or NFS)")
+
+
+def _worker_failure(exc: Exception) -> Exception:
+    """The user-facing cause inside Ray's wrapped worker failures, if there is one."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for failure in failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, (UserError, NonFiniteLossError)):
+                return seen
+            seen = getattr(seen, "cause", None) or seen.__cause__
+        text = str(failure)
+        for kind in (NonFiniteLossError, UserError):
+            if kind.__name__ in text:
+                return kind(text.strip().splitlines()[-1].split(": ", 1)[-1])
+    return exc
+
+
+def run_pretrain(cfg: Config, *, address: Optional[str] = None,
+                 parent_run_id: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> PretrainResult:
+    """Pretrain ``cfg`` on a Ray cluster (a fresh local one unless ``address`` is given)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    start = time.perf_counter()
+    if not cfg.train.run_name:
+        cfg.train.run_name = default_run_name(cfg)
+    run_name, storage = cfg.train.run_name, storage_path(cfg)
+    uri = tracking.resolve_tracking_uri(cfg, storage)
+    tracking.check_tracking(uri, cfg.tracking.timeout_s)
+    if "://" not in str(cfg.data.path or ""):
+        open_dataset(cfg)  # local data is checked here, before any worker starts
+    workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
+    with ray_session(address, num_cpus=workers * cpus):
+        validate_cluster(cfg, uri, storage, alive_nodes())
+        import ray
+
+        use_gpu = (cfg.ray.use_gpu if cfg.ray.use_gpu is not None
+                   else ray.cluster_resources().get("GPU", 0) >= workers)
+        run_id = tracking.get_or_create_run(uri, cfg, run_name, storage, parent_run_id)
+        log(f"pretrain {run_name}: {workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
+            f"storage {storage}, MLflow run {run_id} at {uri}")
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                               "fault_marker": str(Path(storage) / f"{run_name}.fault")},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            _finish_run(uri, run_id, "FAILED")
+            cause = _worker_failure(exc)
+            if cause is exc:
+                raise
+            raise cause from exc
+    value = result.return_value or {}
+    _finish_run(uri, run_id, "FINISHED")
+    return PretrainResult(run_name, run_id, uri, storage, int(value.get("steps", 0)),
+                          value.get("metrics", result.metrics or {}),
+                          result.checkpoint.path if result.checkpoint else None,
+                          value.get("logging", {}), time.perf_counter() - start)
+
+
+def _finish_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - an unreachable server was already reported by the logger
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+
+
+def train_worker(loop_config: dict) -> dict:
+    """One Ray Train worker: the library loop with checkpoints through ``ray.train.report``."""
+    import ray.train
+    import ray.train.torch
+
+    from attmask.data.stream import EvalStream, make_loader, steps_per_epoch
+    from attmask.data.transforms import EvalTransform
+    from attmask.engine import Engine
+    from attmask.train import Hooks, export_teacher, run_loop
+    from attmask.viz import attention_and_masks, mask_grid_png
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray logs every report (with all metrics) at INFO from each rank; progress lines say enough.
+    train_context.logger.setLevel(logging.WARNING)
+    cfg = from_dict(loop_config["config"]).validate()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dataset = open_dataset(cfg)
+    device = ray.train.torch.get_device()
+    unused = cfg.loss.framework == "dino" and not cfg.model.shared_head
+    wrap = (lambda m: ray.train.torch.prepare_model(
+        m, move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": unused})) if world > 1 else None
+    engine = Engine(cfg, steps_per_epoch(dataset, cfg, world), device=device, world_size=world,
+                    rank=rank, wrap_student=wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load(Path(d) / STATE_FILE)
+        if rank == 0:
+            print(f"resumed from step {engine.step} (epoch {engine.epoch})")
+
+    logger = (tracking.AsyncRunLogger(loop_config["tracking_uri"], loop_config["run_id"],
+                                      cfg.tracking.timeout_s) if rank == 0 else None)
+    pending: list[dict] = []
+    viz_batch = None
+    if rank == 0 and cfg.tracking.log_images_every_epochs:
+        split = cfg.train.knn_split if cfg.train.knn_split in dataset.splits else cfg.data.split
+        viz_batch = next(iter(make_loader(EvalStream(dataset, split,
+                                                     EvalTransform(cfg.model.image_size), 8), 0)))
+
+    def on_checkpoint(engine: Engine, metrics: dict) -> None:
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        report["epoch"] = engine.step / engine.steps_per_epoch
+        with tempfile.TemporaryDirectory() as d:
+            saved = None
+            if rank == 0:  # every rank holds the same state after DDP; one copy is enough
+                engine.save(Path(d) / STATE_FILE, extra={"data_position": {
+                    "epoch": engine.epoch, "batch_in_epoch": engine.step % engine.steps_per_epoch}})
+                saved = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(report, checkpoint=saved)
+        if logger is None:
+            return
+        for m in pending:  # durable now: a crash resumes after these steps
+            logger.metrics({k: v for k, v in m.items() if k not in ("step", "end_of_epoch")},
+                           step=int(m["step"]))
+        pending.clear()
+        epoch = round(report["epoch"])
+        every = cfg.tracking.log_images_every_epochs
+        if (viz_batch is not None and metrics.get("end_of_epoch")
+                and (epoch % every == 0 or epoch == 1 or epoch == cfg.train.epochs)):
+            attn, masks = attention_and_masks(
+                engine.teacher.backbone, viz_batch["image"], cfg.model.patch_size,
+                VIZ_STRATEGIES, cfg.masking.layer, cfg.masking.head_reduce)
+            logger.image(mask_grid_png(viz_batch["image"], attn, masks,
+                                       f"epoch {epoch}: teacher attention and masks"),
+                         f"attention/epoch_{epoch:04d}.png")
+
+    def fault() -> None:
+        marker = Path(loop_config["fault_marker"])
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"fault injected at step {engine.step}\n")
+        # Let the controller register the last report first (it polls periodically), as a real
+        # crash a little later would; then die without cleanup.
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        os._exit(1)
+
+    result = run_loop(engine, dataset, cfg,
+                      Hooks(checkpoint=on_checkpoint,
+                            log=pending.append if rank == 0 else (lambda m: None), fault=fault),
+                      rank=rank, world_size=world,
+                      print_fn=print if rank == 0 else (lambda s: None))
+    out = {"steps": result.steps, "metrics": result.final_metrics}
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as d:
+            teacher = export_teacher(engine, Path(d) / "teacher_backbone.safetensors")
+            state = engine.save(Path(d) / STATE_FILE)
+            logger.artifact(teacher, "model")
+            logger.artifact(state, "checkpoint")
+            out["logging"] = logger.close()
+        if out["logging"]["errors"]:
+            print(f"MLflow logging failed {out['logging']['errors']} time(s) "
+                  f"({out['logging']['last_error']}); training completed")
+    return out

@@ -1,0 +1,48 @@
+"""Starting (or attaching to) Ray, once per command."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+# Train V2 polls worker reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), which
+# makes every report a 2 s barrier; Train's print patch duplicates worker prints.
+DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None) -> Iterator[None]:
+    """A Ray instance for the duration of a command.
+
+    Without ``address`` a new local instance is started (``address="local"``: never attaches by
+    accident to a head someone else started) with logical CPUs oversubscribed so train workers
+    and helper tasks fit on small machines; with ``address`` (``auto``, ``ray://...``) the
+    running cluster is used. An instance that is already initialised (a test session, the
+    benchmark) is reused and left running.
+    """
+    import ray
+
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:  # local workers inherit this process's environment
+        cpus = max(num_cpus or 0, 2 * (os.cpu_count() or 1))
+        # The dashboard serves the State API, which Train's placement-group cleaner needs to free
+        # the workers of a run whose controller died (e.g. a trial stopped by Tune).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
+    else:
+        ray.init(address=address,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in DEFAULT_ENV}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -1,0 +1,197 @@
+"""MLflow wiring: tracking URI, fast reachability check, one run per pretraining run, and a
+logger that never blocks the training step."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from attmask.config import Config
+from attmask.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "attmask.run_name"
+PACKAGES = ("torch", "torchvision", "timm", "ray", "mlflow", "webdataset")
+
+
+def resolve_tracking_uri(cfg: Config, storage_path: str) -> str:
+    """``tracking.uri`` or, by default, a SQLite database under the (local) storage path."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if "://" in storage_path:
+        raise ConfigError(f"ray.storage_path={storage_path} is remote: set tracking.uri to an "
+                          "mlflow server (e.g. http://HEAD:5000); SQLite needs a local path")
+    return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, storage_path: str) -> Optional[str]:
+    """Artifacts next to a SQLite store (MLflow would use ./mlruns of the CWD); servers proxy."""
+    return str(Path(storage_path).resolve() / "mlartifacts") if uri.startswith("sqlite") else None
+
+
+def configure_client(timeout_s: float) -> None:
+    """Short HTTP timeouts and few retries, so a dead server costs seconds, not minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
+    """Fail within seconds, before any training, when the tracking store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        last: Exception | None = None
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+                    if r.status == 200:
+                        return
+            except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+                last = exc
+            time.sleep(0.5 * (attempt + 1))
+        raise UserError(f"tracking.uri={uri}: MLflow server unreachable ({last}); start it "
+                        "(mlflow server --host 127.0.0.1 --port 5000) or fix tracking.uri")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"tracking.uri={uri}: cannot create {path.parent} ({exc})") from exc
+        return
+    if uri.startswith(("file:", "./", "/")) or "://" not in uri:
+        raise ConfigError(f"tracking.uri={uri}: MLflow 3 refuses the plain file store; use "
+                          "sqlite:///PATH/mlflow.db or an http(s) mlflow server")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg: Config, run_name: str) -> dict[str, str]:
+    tags = {RUN_NAME_TAG: run_name, "strategy": cfg.masking.strategy,
+            "framework": cfg.loss.framework, "git_commit": git_commit()}
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def get_or_create_run(uri: str, cfg: Config, run_name: str, storage_path: str,
+                      parent_run_id: Optional[str] = None,
+                      extra_tags: Optional[dict[str, str]] = None) -> str:
+    """The MLflow run of ``run_name`` (reused on resume), created with params, tags and the
+    resolved config as an artifact."""
+    from mlflow.tracking import MlflowClient
+
+    configure_client(cfg.tracking.timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
+        cfg.tracking.experiment, artifact_location=artifact_location(uri, storage_path)))
+    found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = run_tags(cfg, run_name) | (extra_tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    client.log_text(run.info.run_id, cfg.to_yaml(), "config/config.yaml")
+    return run.info.run_id
+
+
+class AsyncRunLogger:
+    """Logs metrics and artifacts from a background thread.
+
+    The training step only enqueues. When the tracking server goes away mid-run, calls fail in
+    the thread, are counted and reported once; training carries on. A full queue drops the
+    oldest item rather than blocking.
+    """
+
+    def __init__(self, uri: str, run_id: str, timeout_s: float = 5.0, max_queue: int = 10_000):
+        from mlflow.tracking import MlflowClient
+
+        configure_client(timeout_s)
+        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.errors, self.dropped, self.last_error = 0, 0, ""
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put(("metrics", {k: float(v) for k, v in metrics.items()}, step))
+
+    def artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self._put(("artifact", str(path), artifact_path))
+
+    def image(self, png: bytes, artifact_file: str) -> None:
+        self._put(("image", png, artifact_file))
+
+    def _put(self, item: tuple) -> None:
+        while True:
+            try:
+                self.queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def _work(self) -> None:
+        from mlflow.entities import Metric
+
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            try:
+                kind = item[0]
+                if kind == "metrics":
+                    now = int(time.time() * 1000)
+                    self.client.log_batch(self.run_id, metrics=[
+                        Metric(k, v, now, item[2]) for k, v in item[1].items()])
+                elif kind == "artifact":
+                    self.client.log_artifact(self.run_id, item[1], item[2])
+                else:
+                    with tempfile.TemporaryDirectory() as d:
+                        path = Path(d) / Path(item[2]).name
+                        path.write_bytes(item[1])
+                        self.client.log_artifact(self.run_id, str(path),
+                                                 str(Path(item[2]).parent))
+            except Exception as exc:  # noqa: BLE001 - logging must never stop training
+                self.errors += 1
+                self.last_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+                if self.errors == 1:
+                    log.warning("MLflow logging failed (%s); training continues, further "
+                                "failures are counted", self.last_error)
+
+    def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Flush (bounded in time) and return the failure counts."""
+        self._put(None)
+        self._thread.join(timeout_s)
+        return {"errors": self.errors, "dropped": self.dropped, "last_error": self.last_error,
+                "flushed": not self._thread.is_alive()}
+

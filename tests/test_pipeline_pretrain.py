@@ -1,0 +1,162 @@
+"""Ray Train pretraining with real Ray, real MLflow (SQLite and an `mlflow server`), real shards."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from attmask.engine import NonFiniteLossError, load_checkpoint
+from attmask.errors import ConfigError, UserError
+from conftest import tiny_config
+from pipelines.pretrain import run_pretrain, validate_cluster
+
+pytestmark = pytest.mark.ray
+
+
+def ray_cfg(data, tmp_path, *extra):
+    return tiny_config(f"data.path={data}", f"train.output_dir={tmp_path}",
+                       "train.steps_per_epoch=3", "data.local_crops_number=1",
+                       "train.log_every_steps=1", "tracking.log_images_every_epochs=1",
+                       "train.knn_train_samples=64", "train.knn_test_samples=32", *extra)
+
+
+def test_two_workers_with_mlflow_readback(ray_local, synthetic_dir, tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "train.run_name=two")
+    result = run_pretrain(cfg, log=lambda s: None)
+    assert result.steps == 6 and result.metrics["step"] == 6
+    assert 0.0 <= result.metrics["knn_top1"] <= 1.0
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "attmask_high"
+    assert run.data.params["masking.strategy"] == "attmask_high"
+    assert run.data.params["ray.num_workers"] == "2" and "version.torch" in run.data.tags
+    loss = client.get_metric_history(result.mlflow_run_id, "loss")
+    assert [m.step for m in loss] == list(range(1, 7))
+    for key in ("cls_loss", "patch_loss", "lr", "weight_decay", "teacher_momentum",
+                "teacher_temp", "masked_fraction", "images_per_s", "knn_top1"):
+        assert client.get_metric_history(result.mlflow_run_id, key), key
+    artifacts = {a.path for d in ("config", "model", "checkpoint", "attention")
+                 for a in client.list_artifacts(result.mlflow_run_id, d)}
+    assert {"config/config.yaml", "model/teacher_backbone.safetensors",
+            "checkpoint/state.pt", "attention/epoch_0001.png"} <= artifacts
+    state = load_checkpoint(os.path.join(result.checkpoint_path, "state.pt"))
+    assert state["step"] == 6 and state["data_position"] == {"epoch": 2, "batch_in_epoch": 0}
+
+
+def test_killed_worker_resumes_and_completes(ray_local, synthetic_dir, tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "ray.max_failures=1",
+                  "train.epochs=3", "train.checkpoint_every_steps=2",
+                  "train.inject_fault_at_step=5", "train.inject_fault_rank=1",
+                  "train.run_name=crash", "tracking.log_images_every_epochs=0")
+    result = run_pretrain(cfg, log=lambda s: None)
+    assert result.steps == 9
+    assert (tmp_path / "ray" / "crash.fault").read_text().startswith("fault injected at step 5")
+    steps = [m.step for m in MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(
+        result.mlflow_run_id, "loss")]
+    assert sorted(set(steps)) == list(range(1, 10))  # one continuous history in one run
+    assert steps == sorted(steps)  # replayed steps come after the checkpoint they resume from
+
+
+def test_rerun_with_same_name_resumes_the_same_mlflow_run(ray_local, synthetic_dir, tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, "train.epochs=3", "train.run_name=again",
+                  "train.inject_fault_at_step=4", "tracking.log_images_every_epochs=0")
+    with pytest.raises(Exception):
+        run_pretrain(cfg, log=lambda s: None)  # max_failures=0: the run stops at step 4
+    result = run_pretrain(cfg, log=lambda s: None)  # same command again
+    assert result.steps == 9
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("attmask").experiment_id],
+                              "tags.`attmask.run_name` = 'again'")
+    assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert steps[0] == 1 and steps[-1] == 9 and sorted(set(steps)) == list(range(1, 10))
+
+
+def test_nan_loss_stops_the_run_with_the_step(ray_local, synthetic_dir, tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "train.inject_fault_at_step=4",
+                  "train.inject_fault_kind=nan", "tracking.log_images_every_epochs=0",
+                  "train.run_name=nan")
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 4"):
+        run_pretrain(cfg, log=lambda s: None)
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "nan").glob("checkpoint_*") if p.is_dir())
+    assert checkpoints  # the epoch-1 checkpoint (step 3) stays intact
+    assert load_checkpoint(checkpoints[-1] / "state.pt")["step"] == 3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast(synthetic_dir, tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}",
+                  "tracking.timeout_s=1")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="MLflow server unreachable"):
+        run_pretrain(cfg, log=lambda s: None)
+    assert time.perf_counter() - start < 10
+
+
+def test_multi_node_sqlite_is_rejected_by_validation():
+    cfg = tiny_config()
+    validate_cluster(cfg, "sqlite:////x/mlflow.db", "/x", num_nodes=1)
+    with pytest.raises(ConfigError, match="SQLite does not work on a 3-node cluster"):
+        validate_cluster(cfg, "sqlite:////x/mlflow.db", "/x", num_nodes=3)
+    validate_cluster(cfg, "http://head:5000", "s3://bucket/runs", num_nodes=3)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start")
+    yield url, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_mlflow_server_and_losing_it_mid_run(ray_local, synthetic_dir, tmp_path, mlflow_server):
+    url, proc = mlflow_server
+    cfg = ray_cfg(synthetic_dir, tmp_path, f"tracking.uri={url}", "train.epochs=4",
+                  "tracking.timeout_s=1", "train.run_name=server",
+                  "tracking.log_images_every_epochs=0")
+    client = MlflowClient(tracking_uri=url)
+
+    def kill_when_logging_started():
+        for _ in range(600):
+            exp = client.get_experiment_by_name("attmask")
+            if exp:
+                runs = client.search_runs([exp.experiment_id])
+                if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_logging_started, daemon=True)
+    killer.start()
+    result = run_pretrain(cfg, log=lambda s: None)
+    killer.join(5)
+    assert result.steps == 12  # training finished although the server went away
+    assert proc.poll() is not None and result.logging["errors"] > 0
