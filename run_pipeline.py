@@ -66,6 +66,23 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from attmask.eval.suite import EvalOptions
+    from pipelines.evaluate import run_evaluate
+
+    cfg = load_cfg(args)
+    options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
+                          max_test_samples=args.max_test)
+    suite = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
+    results = run_evaluate(cfg, data=args.data, checkpoint=args.checkpoint,
+                           mlflow_run=args.mlflow_run, suite=suite,
+                           robustness_set=args.robustness_set, out_dir=args.out,
+                           options=options, address=args.address)
+    print(f"done: results in {Path(args.out) / 'results.json'}; MLflow run "
+          f"{results['mlflow_run_id']}")
+    return 0
+
+
 def cmd_bench_step(args) -> int:
     import torch
     from attmask import masking
@@ -145,6 +162,22 @@ def build_parser() -> Parser:
     p.add_argument("--address", help="attach to a running cluster (auto, ray://...); default: "
                                      "start a local Ray instance")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="k-NN, linear, few-shot, robustness, attention as Ray tasks")
+    add_config_args(p, None)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="state.pt, a Ray checkpoint dir, or .safetensors "
+                                          "(with --preset/--config for the architecture)")
+    src.add_argument("--mlflow-run", help="pretraining run id (its logged checkpoint is used)")
+    p.add_argument("--data", required=True, help="shard directory with dataset.json")
+    p.add_argument("--suite", help="comma list of knn,linear,fewshot,robustness,attention")
+    p.add_argument("--robustness-set", help="folder with train_original.npz, test_<variant>.npz")
+    p.add_argument("--out", default="eval", help="output directory (results.json, plots)")
+    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--max-train", type=int, help="cap on train images (features)")
+    p.add_argument("--max-test", type=int, help="cap on images per test split")
+    p.add_argument("--address", help="attach to a running cluster")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench-step", help="time training steps per masking strategy")
     add_config_args(p, "vit-tiny-224")

@@ -37,15 +37,82 @@ def attention_and_masks(backbone: MaskedViT, images: torch.Tensor, patch_size: i
     return attn.view(-1, *grid).cpu(), masks
 
 
-def mask_grid_png(images: torch.Tensor, attention: torch.Tensor,
-                  masks: dict[str, torch.Tensor], title: Optional[str] = None) -> bytes:
-    """One row per image: the image, its attention heat map, then each strategy's mask (hidden
-    patches greyed out). Returns PNG bytes."""
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def confusion_png(cm: torch.Tensor, classes: Sequence[str], title: str = "") -> bytes:
+    """Row-normalised confusion matrix (true class in rows)."""
+    plt = _pyplot()
+    share = (cm.float() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(classes), 1 + 0.45 * len(classes)))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def bar_chart_png(series: dict[str, dict[str, float]], title: str, ylabel: str = "accuracy",
+                  errors: Optional[dict[str, dict[str, float]]] = None) -> bytes:
+    """Grouped bars: ``series[name][category] = value`` (one colour per series)."""
+    plt = _pyplot()
+    categories = list(dict.fromkeys(c for values in series.values() for c in values))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(categories) + 1), 3.2))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + i * width for j in range(len(categories))]
+        err = [errors[name].get(c, 0) for c in categories] if errors else None
+        ax.bar(xs, [values.get(c, 0) for c in categories], width, yerr=err, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(categories))],
+                  categories, rotation=20, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
+                   ylabel: str) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def mask_grid_png(images: torch.Tensor, attention: torch.Tensor,
+                  masks: dict[str, torch.Tensor], title: Optional[str] = None) -> bytes:
+    """One row per image: the image, its attention heat map, then each strategy's mask (hidden
+    patches greyed out). Returns PNG bytes."""
+    plt = _pyplot()
     pictures = denormalize(images)
     rows, cols = len(pictures), 2 + len(masks)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + (0.4 if title else 0)),
@@ -69,7 +136,4 @@ def mask_grid_png(images: torch.Tensor, attention: torch.Tensor,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return _figure_png(fig)

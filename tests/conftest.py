@@ -49,3 +49,15 @@ def ray_local():
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A full training checkpoint (state.pt) of the tiny model after one step."""
+    import torch
+
+    from attmask.engine import Engine
+
+    engine = Engine(tiny_config(), steps_per_epoch=2)
+    engine.train_step(torch.randn(2, 8, 3, 32, 32), torch.randn(2, 8, 3, 16, 16))
+    return engine.save(tmp_path_factory.mktemp("ckpt") / "state.pt")

@@ -136,3 +136,15 @@ def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["settings"]) == {"tiny-cpu", "224px-10local"}
     assert all(s["images_per_s"] > 0 for s in result["settings"].values())
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["evaluate", "--data", "/tmp"], ["--checkpoint", "--mlflow-run"]),
+    (["evaluate", "--checkpoint", "/nonexistent.pt", "--data", "/tmp"],
+     ["checkpoint not found: /nonexistent.pt"]),
+    (["pretrain", "data.path=/nonexistent"], ["/nonexistent/dataset.json"]),
+    (["pretrain", "tracking.uri=./mlruns", "data.path=/nonexistent"], ["file store"]),
+])
+def test_pipeline_commands_follow_the_error_rule(capsys, argv, words):
+    code, _, err = run_main(capsys, *argv)
+    assert_one_error_line(code, err, *words)

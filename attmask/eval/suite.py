@@ -1,0 +1,283 @@
+"""The evaluation suite on one checkpoint: k-NN, linear probe, few-shot, background robustness
+and attention-on-object (protocols of the reference, section 5).
+
+Everything here runs without Ray: :class:`Evaluator` loads the teacher backbone (strictly: a
+checkpoint that does not fit the architecture is an error, never a half-random model), caches
+features per (checkpoint, dataset, split, blocks) on disk, and computes each part; the pipeline
+only decides where the parts run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from attmask.config import Config, ModelConfig, from_dict, load_config
+from attmask.data.shards import Dataset, load_dataset
+from attmask.data.stream import EvalStream, make_loader
+from attmask.data.transforms import EvalTransform
+from attmask.engine import load_checkpoint, resolve_device
+from attmask.errors import DataError, UserError
+from attmask.eval.attention import attention_on_object
+from attmask.eval.features import Features, extract_features
+from attmask.eval.fewshot import fewshot_knn
+from attmask.eval.knn import knn_accuracy
+from attmask.eval.linear import accuracy, confusion_matrix, train_probe
+from attmask.models.vit import MaskedViT, build_backbone
+
+SUITE = ["knn", "linear", "fewshot", "robustness", "attention"]
+VARIANT_PREFIX = "test_"
+
+
+@dataclass
+class EvalOptions:
+    suite: list[str] = field(default_factory=lambda: list(SUITE))
+    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
+    knn_blocks: int = 1
+    linear_blocks: int = 4
+    probe_epochs: int = 100
+    probe_lr: float = 0.01
+    shots: tuple[int, ...] = (1, 5, 10, 20)
+    max_train_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        unknown = [s for s in self.suite if s not in SUITE]
+        if unknown or not self.suite:
+            raise UserError(f"--suite {','.join(self.suite)}: allowed parts are {','.join(SUITE)}")
+
+
+def load_teacher(checkpoint: str | Path, config: Optional[Config] = None
+                 ) -> tuple[MaskedViT, Config]:
+    """Teacher backbone from a full checkpoint (``state.pt``, or a directory holding one) or a
+    timm-keyed ``.safetensors`` file (which needs ``config`` for the architecture)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "state.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if config is None:
+            raise UserError(f"{path}: a .safetensors backbone needs --config/--preset for its "
+                            "architecture")
+        state = load_file(str(path))
+        cfg = config
+    else:
+        try:
+            full = load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - not a loadable checkpoint at all
+            raise UserError(f"checkpoint {path} cannot be loaded: {exc}".splitlines()[0]) from exc
+        if "teacher" not in full or "config" not in full:
+            raise UserError(f"checkpoint {path} has no 'teacher' and 'config' entries "
+                            "(not an attmask training checkpoint)")
+        cfg = from_dict(yaml.safe_load(full["config"])).validate()
+        if config is not None:
+            cfg.tracking, cfg.data = config.tracking, config.data
+        prefix = "backbone."
+        state = {k[len(prefix):]: v for k, v in full["teacher"].items() if k.startswith(prefix)}
+    backbone = build_backbone(cfg.model, drop_path=0.0)
+    expected = set(backbone.state_dict()) - {"mask_token"}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected - {"mask_token"})
+    wrong = sorted(k for k in expected & set(state)
+                   if tuple(state[k].shape) != tuple(backbone.state_dict()[k].shape))
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                           for what, keys in (("missing keys", missing),
+                                              ("unexpected keys", unexpected),
+                                              ("shape mismatch", wrong)) if keys)
+        raise UserError(f"checkpoint {path} does not fit model {describe(cfg.model)} ({detail})")
+    backbone.load_state_dict(state, strict=False)  # only mask_token may be absent
+    return backbone.eval(), cfg
+
+
+def describe(m: ModelConfig) -> str:
+    dim, depth, heads = m.dims
+    return f"{m.arch} (dim {dim}, depth {depth}, {heads} heads, patch {m.patch_size}, {m.image_size} px)"
+
+
+def npz_batches(path: Path, transform: EvalTransform, batch_size: int) -> Iterator[dict]:
+    """Batches (EvalStream layout) from one ``.npz`` file of an external robustness set."""
+    with np.load(path, allow_pickle=False) as z:
+        images, labels = z["images"], z["labels"]
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+        yield {"image": torch.stack([transform(img) for img in chunk]),
+               "label": torch.from_numpy(labels[start:start + batch_size]).long(),
+               "key": [f"{path.stem}{i:07d}" for i in range(start, start + len(chunk))]}
+
+
+class Evaluator:
+    """One checkpoint on one dataset; features are cached under ``cache_dir``."""
+
+    def __init__(self, checkpoint: str | Path, data: str | Path, *, cache_dir: str | Path,
+                 options: Optional[EvalOptions] = None, config: Optional[Config] = None,
+                 robustness_set: Optional[str | Path] = None,
+                 device: Optional[torch.device] = None) -> None:
+        self.options = options or EvalOptions()
+        self.options.validate()
+        self.backbone, self.cfg = load_teacher(checkpoint, config)
+        self.device = device or resolve_device()
+        self.backbone.to(self.device)
+        self.dataset: Dataset = load_dataset(data)
+        self.robustness_set = Path(robustness_set) if robustness_set else None
+        self._check_data()
+        self.transform = EvalTransform(self.cfg.model.image_size)
+        self.cache_dir = Path(cache_dir)
+        self.checkpoint_id = _file_id(Path(checkpoint))
+        self.num_classes = len(self.dataset.classes)
+
+    def _check_data(self) -> None:
+        m, ds = self.cfg.model, self.dataset
+        if ds.image_size < m.image_size:
+            raise DataError(f"{ds.root}: images are {ds.image_size} px, smaller than the "
+                            f"model input {m.image_size} px")
+        for split in ("train", "test"):
+            if split not in ds.splits:
+                raise DataError(f"{ds.root}: the evaluation needs a '{split}' split "
+                                f"(has {', '.join(ds.splits)})")
+        if self.robustness_set is not None:
+            train = self.robustness_set / "train_original.npz"
+            if not train.is_file():
+                raise DataError(f"--robustness-set {self.robustness_set}: needs "
+                                "train_original.npz and test_<variant>.npz files")
+            with np.load(train) as z:
+                if int(z["labels"].max()) >= len(ds.classes):
+                    raise DataError(f"{train}: labels up to {int(z['labels'].max())} do not fit "
+                                    f"the {len(ds.classes)} classes of {ds.root}")
+
+    # -- features ---------------------------------------------------------------------------
+
+    def features(self, split: str, blocks: int) -> Features:
+        """Concatenated [CLS] of the last ``blocks`` blocks. One extraction (and cache entry) with
+        the most blocks any part needs serves all: fewer blocks are its last columns."""
+        most = max(self.options.knn_blocks, self.options.linear_blocks)
+        if blocks > most:
+            raise ValueError(f"blocks={blocks} > {most}")
+        cached = self._extract(split, most)
+        dim = cached.features.shape[1] // most
+        return Features(cached.features[:, -blocks * dim:], cached.labels, cached.keys)
+
+    def _extract(self, split: str, blocks: int) -> Features:
+        limit = (self.options.max_train_samples if split in ("train", "rob:train_original")
+                 else self.options.max_test_samples)
+        source = str(self.robustness_set) if split.startswith("rob:") else self.dataset.root
+        key = json.dumps([self.checkpoint_id, source, split, blocks, limit,
+                          self.cfg.model.image_size, _manifest_id(self.dataset)])
+        path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            return Features(cached["features"], cached["labels"], cached["keys"])
+        if split.startswith("rob:"):
+            batches = npz_batches(self.robustness_set / f"{split[4:]}.npz", self.transform,
+                                  self.options.batch_size)
+        else:
+            stream = EvalStream(self.dataset, split, self.transform, self.options.batch_size,
+                                max_corrupt_fraction=self.cfg.data.max_corrupt_fraction)
+            batches = make_loader(stream, 0)
+        feats = extract_features(self.backbone, batches, n_last_blocks=blocks,
+                                 device=self.device, limit=limit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"features": feats.features, "labels": feats.labels, "keys": feats.keys}, tmp)
+        tmp.replace(path)
+        return feats
+
+    def variant_splits(self) -> list[str]:
+        if self.robustness_set is not None:
+            return [f"rob:{p.stem}" for p in sorted(self.robustness_set.glob("test_*.npz"))]
+        return [s for s in self.dataset.splits if s.startswith(VARIANT_PREFIX)]
+
+    def prefetch(self) -> None:
+        """Extract (and cache) every feature set the selected parts need."""
+        o, splits = self.options, set()
+        if {"knn", "fewshot", "linear"} & set(o.suite):
+            splits |= {"train", "test"}
+        if "robustness" in o.suite:
+            splits |= {"rob:train_original" if self.robustness_set else "train"}
+            splits |= set(self.variant_splits())
+        for split in sorted(splits):
+            self.features(split, 1)
+
+    # -- parts --------------------------------------------------------------------------------
+
+    def knn(self) -> dict:
+        b = self.options.knn_blocks
+        tr, te = self.features("train", b), self.features("test", b)
+        return knn_accuracy(tr.features, tr.labels, te.features, te.labels, self.num_classes,
+                            ks=self.options.knn_ks)
+
+    def linear(self) -> tuple[dict, torch.Tensor]:
+        b = self.options.linear_blocks
+        tr, te = self.features("train", b), self.features("test", b)
+        probe = train_probe(tr.features, tr.labels, self.num_classes,
+                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
+        result = {"top1": accuracy(probe.model, te.features, te.labels),
+                  "val_top1": probe.val_top1, "epoch": probe.epoch, "n_last_blocks": b}
+        return result, confusion_matrix(probe.model, te.features, te.labels, self.num_classes)
+
+    def fewshot(self) -> dict:
+        b = self.options.knn_blocks
+        tr, te = self.features("train", b), self.features("test", b)
+        return fewshot_knn(tr.features, tr.labels, te.features, te.labels, self.num_classes,
+                           shots=self.options.shots)
+
+    def robustness(self) -> dict:
+        variants = self.variant_splits()
+        if not variants:
+            return {"skipped": f"{self.dataset.root} has no test_<variant> splits and no "
+                               "--robustness-set was given"}
+        b = self.options.linear_blocks
+        tr = self.features("rob:train_original" if self.robustness_set else "train", b)
+        probe = train_probe(tr.features, tr.labels, self.num_classes,
+                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
+        accs = {}
+        for split in variants:
+            name = split.split(":")[-1].removeprefix(VARIANT_PREFIX)
+            te = self.features(split, b)
+            accs[name] = accuracy(probe.model, te.features, te.labels)
+        out: dict = {"variants": accs}
+        if "mixed_same" in accs and "mixed_rand" in accs:
+            out["bg_gap"] = accs["mixed_same"] - accs["mixed_rand"]
+        return out
+
+    def attention(self) -> dict:
+        if not self.dataset.has_fg():
+            return {"skipped": f"{self.dataset.root} has no foreground masks"}
+        m = self.cfg.masking
+        stream = EvalStream(self.dataset, "test", self.transform, self.options.batch_size)
+        mid = sum(m.ratio) / 2
+        return attention_on_object(self.backbone, make_loader(stream, 0), self.cfg.model.patch_size,
+                                   layer=m.layer, head_reduce=m.head_reduce, mask_ratio=mid,
+                                   device=self.device)
+
+    def viz_batch(self, count: int = 8) -> dict:
+        stream = EvalStream(self.dataset, "test", self.transform, count)
+        return next(iter(make_loader(stream, 0)))
+
+
+def _file_id(path: Path) -> str:
+    if path.is_dir():
+        path = path / "state.pt"
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _manifest_id(dataset: Dataset) -> str:
+    return hashlib.sha256(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_for(preset: Optional[str], path: Optional[str], overrides: list[str]) -> Optional[Config]:
+    if preset is None and path is None and not overrides:
+        return None
+    return load_config(preset=preset, path=path, overrides=overrides)
+

@@ -1,0 +1,50 @@
+"""The evaluation suite as Ray tasks, from an MLflow run, with results in MLflow and on disk."""
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from attmask.errors import UserError
+from attmask.eval.suite import EvalOptions
+from conftest import tiny_config
+from pipelines.evaluate import flat_metrics, run_evaluate
+from pipelines.pretrain import run_pretrain
+
+pytestmark = pytest.mark.ray
+
+
+def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
+    cfg = tiny_config(f"data.path={synthetic_dir}", f"train.output_dir={tmp_path}",
+                      "train.steps_per_epoch=2", "train.epochs=1", "data.local_crops_number=1",
+                      "tracking.log_images_every_epochs=0", "train.knn_every_epochs=0")
+    trained = run_pretrain(cfg, log=lambda s: None)
+    out = tmp_path / "eval"
+    results = run_evaluate(cfg, data=str(synthetic_dir), mlflow_run=trained.mlflow_run_id,
+                           out_dir=str(out), options=EvalOptions(probe_epochs=5, shots=(1,)),
+                           log=lambda s: None)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["mlflow_run_id"] == trained.mlflow_run_id
+    assert set(on_disk) >= {"checkpoint", "data", "knn", "linear", "fewshot", "robustness",
+                            "attention"}
+    assert set(on_disk["knn"]["k20"]) == {"top1", "top5"}
+    assert set(on_disk["linear"]) >= {"top1", "val_top1", "epoch"}
+    assert on_disk["fewshot"]["1"]["splits"] == 5
+    assert "bg_gap" in on_disk["robustness"] and "mixed_rand" in on_disk["robustness"]["variants"]
+    assert set(on_disk["attention"]) >= {"topk_on_object", "masked_on_object"}
+    for value in flat_metrics(results).values():
+        assert -1.0 <= value <= 1.0
+    client = MlflowClient(tracking_uri=trained.tracking_uri)
+    run = client.get_run(trained.mlflow_run_id)
+    assert run.data.metrics["eval/knn_k20_top1"] == on_disk["knn"]["k20"]["top1"]
+    assert "eval/bg_gap" in run.data.metrics and "eval/fewshot_1_mean" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(trained.mlflow_run_id, "eval")}
+    assert {"eval/results.json", "eval/confusion_matrix.png", "eval/attention_overlay.png",
+            "eval/robustness.png"} <= artifacts
+
+
+def test_evaluate_needs_exactly_one_checkpoint_source(synthetic_dir, tmp_path):
+    cfg = tiny_config(f"train.output_dir={tmp_path}")
+    with pytest.raises(UserError, match="exactly one"):
+        run_evaluate(cfg, data=str(synthetic_dir), out_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--mlflow-run nope: cannot fetch"):
+        run_evaluate(cfg, data=str(synthetic_dir), mlflow_run="nope", out_dir=str(tmp_path))
