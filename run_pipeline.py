@@ -83,6 +83,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from pipelines.tune import format_table, load_spec, plan, run_tune
+
+    spec, base = load_spec(args.search, args.overrides)
+    print(plan(spec, base))
+    if args.dry_run:
+        print("dry run: the search file is valid; nothing was trained")
+        return 0
+    result = run_tune(spec, base, address=args.address)
+    print(format_table(result.rows, spec))
+    print(f"best: {result.best}; best config {result.best_config_path} (run it with "
+          f"`python run_pipeline.py pretrain --config {result.best_config_path}`); MLflow parent "
+          f"run {result.parent_run_id}")
+    return 0
+
+
 def cmd_bench_step(args) -> int:
     import torch
     from attmask import masking
@@ -178,6 +194,13 @@ def build_parser() -> Parser:
     p.add_argument("--max-test", type=int, help="cap on images per test split")
     p.add_argument("--address", help="attach to a running cluster")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune (tune_configs/*.yaml)")
+    p.add_argument("search", help="search file, e.g. tune_configs/mask_ratio.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the base config")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trial plan")
+    p.add_argument("--address", help="attach to a running cluster")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("bench-step", help="time training steps per masking strategy")
     add_config_args(p, "vit-tiny-224")

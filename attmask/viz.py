@@ -108,6 +108,26 @@ def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xla
     return _figure_png(fig)
 
 
+def param_plot_png(rows: list[dict], params: Sequence[str], metric: str) -> bytes:
+    """One panel per searched parameter: the metric of every trial against its value (lists
+    and strings on a categorical axis)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        points = [(r[param], r[metric]) for r in rows if r.get(metric) is not None]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points)
+        if numeric:
+            ax.scatter([v for v, _ in points], [m for _, m in points])
+        else:
+            labels = sorted({str(v) for v, _ in points})
+            ax.scatter([labels.index(str(v)) for v, _ in points], [m for _, m in points])
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        ax.set_xlabel(param, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
 def mask_grid_png(images: torch.Tensor, attention: torch.Tensor,
                   masks: dict[str, torch.Tensor], title: Optional[str] = None) -> bytes:
     """One row per image: the image, its attention heat map, then each strategy's mask (hidden

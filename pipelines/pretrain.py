@@ -74,9 +74,12 @@ def _worker_failure(exc: Exception) -> Exception:
 
 
 def run_pretrain(cfg: Config, *, address: Optional[str] = None,
-                 parent_run_id: Optional[str] = None,
+                 parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
                  log: Callable[[str], None] = print) -> PretrainResult:
-    """Pretrain ``cfg`` on a Ray cluster (a fresh local one unless ``address`` is given)."""
+    """Pretrain ``cfg`` on a Ray cluster (a fresh local one unless ``address`` is given).
+
+    ``parent_run_id`` nests the MLflow run (benchmarks, searches); ``callbacks`` are Ray Train
+    callbacks (a Tune trial forwards reports with one)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -105,7 +108,7 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage,
+                name=run_name, storage_path=storage, callbacks=callbacks,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
         try:

@@ -144,6 +144,9 @@ def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
      ["checkpoint not found: /nonexistent.pt"]),
     (["pretrain", "data.path=/nonexistent"], ["/nonexistent/dataset.json"]),
     (["pretrain", "tracking.uri=./mlruns", "data.path=/nonexistent"], ["file store"]),
+    (["tune", "/nonexistent.yaml"], ["search file not found: /nonexistent.yaml"]),
+    (["tune", "tune_configs/strategy.yaml", "masking.ratio=[2,3]", "--dry-run"],
+     ["base/overrides", "masking.ratio"]),
 ])
 def test_pipeline_commands_follow_the_error_rule(capsys, argv, words):
     code, _, err = run_main(capsys, *argv)
