@@ -99,6 +99,22 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from pipelines.benchmark import load_benchmark, plan, run_benchmark
+
+    spec = load_benchmark(args.preset, args.overrides)
+    print(plan(spec))
+    if args.dry_run:
+        print("dry run: every run's config is valid; nothing was trained")
+        return 0
+    result = run_benchmark(spec, address=args.address, report_root=args.reports)
+    for r in result.failed:
+        print(f"error: run {r.run_name} failed: {r.error}", file=sys.stderr)
+    print(f"done in {result.wall_s:.0f}s: {result.report_md}, {result.report_html}; MLflow "
+          f"parent run {result.parent_run_id}")
+    return 1 if result.failed else 0
+
+
 def cmd_bench_step(args) -> int:
     import torch
     from attmask import masking
@@ -202,6 +218,14 @@ def build_parser() -> Parser:
     p.add_argument("--address", help="attach to a running cluster")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("benchmark", help="end-to-end benchmark of the masking strategies + report")
+    p.add_argument("--preset", default="default", help="configs/benchmark/NAME.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every run")
+    p.add_argument("--address", help="attach to a running cluster")
+    p.add_argument("--reports", default="reports", help="report root (reports/<name>/)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    p.set_defaults(func=cmd_benchmark)
+
     p = sub.add_parser("bench-step", help="time training steps per masking strategy")
     add_config_args(p, "vit-tiny-224")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
@@ -242,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # the main job: the default benchmark
+        args = parser.parse_args(["benchmark", *(["--debug"] if args.debug else [])])
     from attmask.errors import UserError
 
     try:

@@ -38,6 +38,7 @@ class PretrainResult:
     checkpoint_path: Optional[str]
     logging: dict
     wall_s: float
+    device: str = ""
 
 
 def storage_path(cfg: Config) -> str:
@@ -86,6 +87,8 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
     start = time.perf_counter()
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
+    if cfg.data.path and "://" not in cfg.data.path:  # workers do not share the driver's CWD
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     run_name, storage = cfg.train.run_name, storage_path(cfg)
     uri = tracking.resolve_tracking_uri(cfg, storage)
     tracking.check_tracking(uri, cfg.tracking.timeout_s)
@@ -124,7 +127,8 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
     return PretrainResult(run_name, run_id, uri, storage, int(value.get("steps", 0)),
                           value.get("metrics", result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None,
-                          value.get("logging", {}), time.perf_counter() - start)
+                          value.get("logging", {}), time.perf_counter() - start,
+                          value.get("device", ""))
 
 
 def _finish_run(uri: str, run_id: str, status: str) -> None:
@@ -225,7 +229,10 @@ def train_worker(loop_config: dict) -> dict:
                             log=pending.append if rank == 0 else (lambda m: None), fault=fault),
                       rank=rank, world_size=world,
                       print_fn=print if rank == 0 else (lambda s: None))
-    out = {"steps": result.steps, "metrics": result.final_metrics}
+    from attmask.bench import describe_device
+
+    out = {"steps": result.steps, "metrics": result.final_metrics,
+           "device": f"{describe_device(engine.device)}, {engine.precision}, {world} worker(s)"}
     if logger is not None:
         with tempfile.TemporaryDirectory() as d:
             teacher = export_teacher(engine, Path(d) / "teacher_backbone.safetensors")

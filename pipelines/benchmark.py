@@ -1,0 +1,304 @@
+"""The end-to-end benchmark: prepare data -> pretrain each strategy x seed -> evaluate each ->
+aggregate -> report, in one Ray session, tracked as an MLflow parent run with one child run per
+(strategy, seed).
+
+Run names derive from a hash of the resolved configuration, so running the same benchmark again
+reuses every run that already finished (found in MLflow) and redoes only the rest. A failed run
+is shown in the report and makes the command exit non-zero.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from attmask import masking
+from attmask.config import PRESET_DIR, Config, load_config
+from attmask.errors import ConfigError, UserError
+from pipelines.report import Report, RunRecord, build_figures, build_tables
+
+BENCH_DIR = PRESET_DIR / "benchmark"
+TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
+            "evaluation"}
+DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
+             "image_size", "seed"}
+EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test"}
+DONE_TAG = "attmask.benchmark_done"
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str
+    description: str
+    smoke: bool
+    data: dict[str, Any]
+    preset: str
+    overrides: dict[str, Any]
+    strategies: list[str]
+    seeds: list[int]
+    evaluation: dict[str, Any]
+    configs: dict[tuple[str, int], Config] = field(default_factory=dict)
+    digest: str = ""
+
+    @property
+    def bench_name(self) -> str:
+        return f"bench-{self.name}-{self.digest}"
+
+    def run_name(self, strategy: str, seed: int) -> str:
+        return f"{self.bench_name}-{strategy}-s{seed}"
+
+    @property
+    def data_dir(self) -> str:
+        return str(self.data.get("path") or self.data["out"])
+
+
+def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> BenchmarkSpec:
+    """Read ``configs/benchmark/PRESET.yaml`` and resolve + validate every run's config."""
+    path = BENCH_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in BENCH_DIR.glob("*.yaml")))
+        raise ConfigError(f"benchmark preset {preset!r} not found ({path}); available: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for where, keys, allowed in (("", raw, TOP_KEYS), ("data.", raw.get("data") or {}, DATA_KEYS),
+                                 ("evaluation.", raw.get("evaluation") or {}, EVAL_KEYS)):
+        unknown = sorted(set(keys) - allowed)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {where}{unknown[0]}; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+    data = dict(raw.get("data") or {})
+    if not data.get("path") and not (data.get("source") and data.get("out")):
+        raise ConfigError(f"{path}: data needs either path (existing shards) or source and out")
+    strategies = raw.get("strategies") or list(masking.available())
+    for s in strategies:
+        if s not in masking.available():
+            raise ConfigError(f"{path}: strategies: unknown {s!r}; available: "
+                              f"{', '.join(masking.available())}")
+    seeds = raw.get("seeds") or [0]
+    if not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds must be integers, got {seeds}")
+    spec = BenchmarkSpec(preset, raw.get("description", preset), bool(raw.get("smoke", False)),
+                         data, raw.get("preset", "tiny-cpu"), dict(raw.get("overrides") or {}),
+                         strategies, seeds, dict(raw.get("evaluation") or {}))
+    base = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
+    base.append(f"data.path={json.dumps(str(Path(spec.data_dir)))}")
+    for strategy in strategies:
+        for seed in seeds:
+            overrides = base + [f"masking.strategy={strategy}", f"train.seed={seed}",
+                                *(cli_overrides or [])]
+            spec.configs[(strategy, seed)] = load_config(preset=spec.preset, overrides=overrides)
+    resolved = {"data": data, "evaluation": spec.evaluation,
+                "configs": {f"{s}-{seed}": c.to_dict() for (s, seed), c in spec.configs.items()}}
+    spec.digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str)
+                                 .encode()).hexdigest()[:8]
+    for (strategy, seed), cfg in spec.configs.items():
+        cfg.train.run_name = spec.run_name(strategy, seed)
+    return spec
+
+
+def plan(spec: BenchmarkSpec) -> str:
+    first = next(iter(spec.configs.values()))
+    data = spec.data.get("path") or f"{spec.data['source']} -> {spec.data['out']}"
+    return "\n".join([
+        f"benchmark {spec.bench_name}: {spec.description}",
+        f"data: {data}",
+        f"model: {spec.preset} ({first.model.arch}, depth {first.model.dims[1]}, "
+        f"{first.model.image_size} px), {first.train.epochs} epochs, "
+        f"{first.ray.num_workers} worker(s) per run",
+        f"runs: {len(spec.configs)} = strategies {', '.join(spec.strategies)} x seeds "
+        f"{spec.seeds}",
+        f"evaluation: {', '.join(spec.evaluation.get('suite', ['knn', 'linear', 'fewshot', 'robustness', 'attention']))}",
+        f"report: reports/{spec.name}/report.md and report.html"])
+
+
+@dataclass
+class BenchmarkResult:
+    runs: list[RunRecord]
+    report_md: Path
+    report_html: Path
+    parent_run_id: str
+    wall_s: float
+
+    @property
+    def failed(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.error]
+
+
+def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
+                  report_root: str | Path = "reports",
+                  log: Callable[[str], None] = print) -> BenchmarkResult:
+    from attmask.data.prepare import PrepareArgs, prepare_data
+    from pipelines import tracking
+    from pipelines.pretrain import storage_path
+    from pipelines.ray_session import ray_session
+
+    start = time.perf_counter()
+    if not spec.data.get("path"):
+        d = spec.data
+        _, written = prepare_data(PrepareArgs(
+            source=d["source"], out=d["out"], from_path=d.get("from"),
+            num_samples=d.get("num_samples"), num_test_samples=d.get("num_test_samples"),
+            per_class=d.get("per_class"), image_size=d.get("image_size"), seed=d.get("seed", 0)))
+        log(f"data: {'prepared' if written else 'reused'} {d['out']}")
+    first = next(iter(spec.configs.values()))
+    storage = storage_path(first)
+    uri = tracking.resolve_tracking_uri(first, storage)
+    tracking.check_tracking(uri, first.tracking.timeout_s)
+    report_dir = Path(report_root) / spec.name
+    runs: list[RunRecord] = []
+    workers = first.ray.num_workers * first.ray.cpus_per_worker
+    with ray_session(address, num_cpus=workers):
+        parent = tracking.get_or_create_run(uri, first, spec.bench_name, storage,
+                                            extra_tags={"kind": "benchmark",
+                                                        "benchmark": spec.name})
+        for (strategy, seed), cfg in spec.configs.items():
+            runs.append(_one_run(spec, strategy, seed, cfg, uri, parent, report_dir, log))
+    wall = time.perf_counter() - start
+    report = make_report(spec, runs, wall)
+    md, page = report.write(report_dir)
+    _log_report(uri, parent, report_dir, runs)
+    log(f"report: {md} and {page} ({wall:.0f}s)")
+    return BenchmarkResult(runs, md, page, parent, wall)
+
+
+def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: str, parent: str,
+             report_dir: Path, log: Callable[[str], None]) -> RunRecord:
+    from attmask.eval.suite import EvalOptions
+    from pipelines.evaluate import run_evaluate
+    from pipelines.pretrain import run_pretrain
+
+    record = RunRecord(strategy, seed, cfg.train.run_name)
+    if _reuse_finished(uri, cfg, record):
+        log(f"{record.run_name}: finished earlier, reused")
+        return record
+    run_start = time.perf_counter()
+    try:
+        log(f"{record.run_name}: pretraining")
+        trained = run_pretrain(cfg, parent_run_id=parent, log=log)
+        record.mlflow_run_id = trained.mlflow_run_id
+        record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
+        record.device = trained.device
+        e = spec.evaluation
+        options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
+                              max_train_samples=e.get("max_train"),
+                              max_test_samples=e.get("max_test"))
+        out = report_dir / "runs" / f"{strategy}-s{seed}"
+        log(f"{record.run_name}: evaluating")
+        record.results = run_evaluate(cfg, data=spec.data_dir, mlflow_run=trained.mlflow_run_id,
+                                      suite=e.get("suite"), out_dir=str(out), options=options,
+                                      log=log)
+        overlay = out / "attention_overlay.png"
+        record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
+        record.knn_history = _knn_history(uri, trained.mlflow_run_id)
+        record.wall_s = time.perf_counter() - run_start
+        _mark_done(uri, record)
+    except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
+        record.error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1][:300]}" \
+            if str(exc).strip() else exc.__class__.__name__
+        record.wall_s = time.perf_counter() - run_start
+        log(f"{record.run_name}: FAILED {record.error}")
+        if not isinstance(exc, UserError):
+            log(traceback.format_exc(limit=5))
+    return record
+
+
+def _knn_history(uri: str, run_id: str) -> list[tuple[float, float]]:
+    """(epoch, online k-NN top-1) at the end of each epoch the monitor ran."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    epoch_end: dict[int, int] = {}
+    for m in client.get_metric_history(run_id, "epoch"):
+        epoch_end[int(m.value)] = max(epoch_end.get(int(m.value), 0), m.step)
+    knn = {m.step: m.value for m in client.get_metric_history(run_id, "knn_top1")}
+    return [(epoch, knn[step]) for epoch, step in sorted(epoch_end.items()) if step in knn]
+
+
+def _mark_done(uri: str, record: RunRecord) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in {DONE_TAG: "true", "cost.wall_s": f"{record.wall_s:.1f}",
+                       "cost.images_per_s": f"{record.images_per_s:.2f}",
+                       "cost.device": record.device}.items():
+        client.set_tag(record.mlflow_run_id, key, value)
+
+
+def _reuse_finished(uri: str, cfg: Config, record: RunRecord) -> bool:
+    """Fill ``record`` from MLflow when this run already finished and was evaluated."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import RUN_NAME_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return False
+    found = client.search_runs([exp.experiment_id],
+                               f"tags.`{RUN_NAME_TAG}` = '{record.run_name}' and "
+                               f"tags.`{DONE_TAG}` = 'true'", max_results=1)
+    if not found:
+        return False
+    run = found[0]
+    record.mlflow_run_id, record.skipped = run.info.run_id, True
+    record.results = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/results.json") \
+        if _has_artifact(client, run.info.run_id, "eval/results.json") else {}
+    record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
+    record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
+    record.device = run.data.tags.get("cost.device", "")
+    record.knn_history = _knn_history(uri, run.info.run_id)
+    if _has_artifact(client, run.info.run_id, "eval/attention_overlay.png"):
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="eval/attention_overlay.png", tracking_uri=uri)
+        record.overlay_png = Path(local).read_bytes()
+    return True
+
+
+def _has_artifact(client, run_id: str, path: str) -> bool:
+    return any(a.path == path for a in client.list_artifacts(run_id, str(Path(path).parent)))
+
+
+def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Report:
+    import torch
+
+    first = next(iter(spec.configs.values()))
+    devices = sorted({r.device for r in runs if r.device}) or ["?"]
+    intro = [
+        f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
+        f"{wall_s:.0f} s on {platform.machine()} with {os.cpu_count()} CPU cores "
+        f"(runs on: {', '.join(devices)}); torch {torch.__version__}.",
+        f"Reproduce: python run_pipeline.py benchmark --preset {spec.name}",
+        f"{len(runs)} runs: strategies {', '.join(spec.strategies)} x seeds {spec.seeds}; model "
+        f"{first.model.arch} depth {first.model.dims[1]} at {first.model.image_size} px, "
+        f"{first.train.epochs} epochs, masking ratio {first.masking.ratio} with probability "
+        f"{first.masking.prob}. Accuracies in %, mean ± std over seeds.",
+    ]
+    if spec.smoke:
+        intro.append("SMOKE SCALE: this run demonstrates that every stage of the pipeline works "
+                     "end to end on a small CPU. At this budget the features barely move from "
+                     "their random initialisation, so differences between strategies are noise; "
+                     "use the cifar10 or paper-20pct-in1k presets to compare strategies.")
+    failed = [r for r in runs if r.error]
+    if failed:
+        intro.append("FAILED RUNS: " + "; ".join(f"{r.run_name}: {r.error}" for r in failed))
+    return Report(f"attmask benchmark: {spec.name}", intro, build_tables(runs, spec.strategies),
+                  build_figures(runs, spec.strategies))
+
+
+def _log_report(uri: str, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.log_artifact(parent, str(report_dir / "report.md"), "report")
+    client.log_artifact(parent, str(report_dir / "report.html"), "report")
+    client.log_artifacts(parent, str(report_dir / "img"), "report/img")
+    client.set_terminated(parent, "FAILED" if any(r.error for r in runs) else "FINISHED")
