@@ -62,8 +62,10 @@ class BenchmarkSpec:
 
 
 def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> BenchmarkSpec:
-    """Read ``configs/benchmark/PRESET.yaml`` and resolve + validate every run's config."""
-    path = BENCH_DIR / f"{preset}.yaml"
+    """Read ``configs/benchmark/PRESET.yaml`` (or a path to such a file) and resolve + validate
+    every run's config."""
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else BENCH_DIR / f"{preset}.yaml"
+    preset = path.stem
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in BENCH_DIR.glob("*.yaml")))
         raise ConfigError(f"benchmark preset {preset!r} not found ({path}); available: {known}")
@@ -85,8 +87,9 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be integers, got {seeds}")
+    model_preset = raw.get("preset", "tiny-cpu")
     spec = BenchmarkSpec(preset, raw.get("description", preset), bool(raw.get("smoke", False)),
-                         data, raw.get("preset", "tiny-cpu"), dict(raw.get("overrides") or {}),
+                         data, model_preset, dict(raw.get("overrides") or {}),
                          strategies, seeds, dict(raw.get("evaluation") or {}))
     base = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
     base.append(f"data.path={json.dumps(str(Path(spec.data_dir)))}")
@@ -94,7 +97,10 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
         for seed in seeds:
             overrides = base + [f"masking.strategy={strategy}", f"train.seed={seed}",
                                 *(cli_overrides or [])]
-            spec.configs[(strategy, seed)] = load_config(preset=spec.preset, overrides=overrides)
+            as_file = model_preset.endswith((".yaml", ".yml"))
+            spec.configs[(strategy, seed)] = load_config(
+                preset=None if as_file else model_preset, path=model_preset if as_file else None,
+                overrides=overrides)
     resolved = {"data": data, "evaluation": spec.evaluation,
                 "configs": {f"{s}-{seed}": c.to_dict() for (s, seed), c in spec.configs.items()}}
     spec.digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str)
@@ -250,8 +256,10 @@ def _reuse_finished(uri: str, cfg: Config, record: RunRecord) -> bool:
         return False
     run = found[0]
     record.mlflow_run_id, record.skipped = run.info.run_id, True
-    record.results = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/results.json") \
-        if _has_artifact(client, run.info.run_id, "eval/results.json") else {}
+    if _has_artifact(client, run.info.run_id, "eval/results.json"):
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="eval/results.json", tracking_uri=uri)
+        record.results = json.loads(Path(local).read_text())
     record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
     record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
     record.device = run.data.tags.get("cost.device", "")

@@ -1,0 +1,139 @@
+"""The end-to-end benchmark on a tiny configuration: report contents, HTML self-containment,
+idempotent reruns, failures, and (where Debian's chromium is installed) a real rendering."""
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import TINY
+from pipelines.benchmark import load_benchmark, run_benchmark
+from run_pipeline import main
+
+pytestmark = pytest.mark.ray
+STRATEGIES = ["random", "attmask_high"]
+
+
+def write_bench(tmp_path, **extra):
+    base = {}
+    for item in TINY:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        base.setdefault(section, {})[name] = yaml.safe_load(value)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
+    bench = {
+        "description": "test benchmark", "smoke": True,
+        "data": {"source": "synthetic", "out": str(tmp_path / "data"), "num_samples": 160,
+                 "num_test_samples": 40, "seed": 2},
+        "preset": str(tmp_path / "tiny.yaml"),
+        "overrides": {"train.epochs": 2, "train.steps_per_epoch": 2,
+                      "train.output_dir": str(tmp_path / "runs"), "data.local_crops_number": 1,
+                      "tracking.log_images_every_epochs": 0, "train.knn_train_samples": 80,
+                      "train.knn_test_samples": 40},
+        "strategies": STRATEGIES, "seeds": [0],
+        "evaluation": {"suite": ["knn", "linear", "fewshot", "robustness", "attention"],
+                       "probe_epochs": 3}, **extra}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    return path
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.rows, self.external, self._row, self._cell = [], [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("src", "href"):
+            if key in attrs and not attrs[key].startswith("data:"):
+                self.external.append(attrs[key])
+        if tag in ("link", "script", "iframe"):
+            self.external.append(tag)
+        if tag == "tr":
+            self._row = []
+        if tag == "td" and self._row is not None:
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._row is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        if tag == "tr" and self._row:
+            self.rows.append(self._row)
+            self._row = None
+
+
+@pytest.fixture(scope="module")
+def bench_run(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    spec = load_benchmark(str(write_bench(tmp)))
+    result = run_benchmark(spec, report_root=tmp / "reports", log=lambda s: None)
+    return tmp, spec, result
+
+
+def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
+    _, _, result = bench_run
+    assert not result.failed
+    page = Page()
+    page.feed(result.report_html.read_text())
+    assert page.external == []  # nothing loaded from outside
+    first_cells = [row[0] for row in page.rows]
+    for strategy in STRATEGIES:  # one row per strategy in every metric table
+        assert first_cells.count(strategy) >= 5, first_cells
+    assert len(page.images) >= 3  # online k-NN, robustness, one overlay per strategy
+    for src in page.images:
+        match = re.fullmatch(r"data:image/png;base64,(.+)", src, re.S)
+        assert match
+        Image.open(io.BytesIO(base64.b64decode(match.group(1)))).verify()
+    md = result.report_md.read_text()
+    assert "SMOKE SCALE" in md and "| random |" in md and "BG-gap" in md
+    for line in md.splitlines():
+        if line.startswith("![") and "(img/" in line:
+            assert (result.report_md.parent / line.split("(")[1].rstrip(")")).is_file()
+
+
+def test_rerun_reuses_finished_runs(bench_run):
+    tmp, spec, first = bench_run
+    again = run_benchmark(load_benchmark(str(tmp / "bench.yaml")), report_root=tmp / "reports",
+                          log=lambda s: None)
+    assert all(r.skipped for r in again.runs) and again.wall_s < first.wall_s
+    assert [r.results["knn"] for r in again.runs] == [r.results["knn"] for r in first.runs]
+    assert again.parent_run_id == first.parent_run_id
+
+
+def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
+    path = write_bench(tmp_path, strategies=["random"])
+    code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "reports"),
+                 "train.inject_fault_at_step=1", "train.inject_fault_kind=nan"])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed: NonFiniteLossError" in err
+    assert "FAILED RUNS" in (tmp_path / "reports" / "bench" / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium not installed")
+def test_report_renders_in_headless_chromium(bench_run, tmp_path):
+    _, _, result = bench_run
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", result.report_html.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") >= 5 and dom.count("data:image/png;base64,") >= 3
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,3000",
+                    result.report_html.as_uri()], capture_output=True, timeout=120)
+    image = Image.open(shot)
+    assert image.size == (1200, 3000)
+    assert len(set(image.convert("L").getdata())) > 20  # rendered content, not a blank page
