@@ -1,0 +1,147 @@
+"""cluster.yaml validated offline with Ray's own checks; job submission to a real local head."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+
+def validate(cfg: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(cfg))
+
+
+def shipped() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_is_valid_for_the_launcher():
+    cfg = shipped()
+    validate(cfg)
+    types = cfg["available_node_types"]
+    assert "GPU" not in types[cfg["head_node_type"]]["resources"]
+    assert {t["resources"].get("GPU") for t in types.values()} >= {1, 8}
+    assert cfg["provider"]["type"] == "aws" and "mlflow server" in " ".join(cfg["head_start_ray_commands"])
+    text = (ROOT / "cluster.yaml").read_text().lower()
+    assert "aws_secret" not in text and "access_key" not in text  # no credentials
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda c: c.update(head_node_type="nope"), ValueError),
+    (lambda c: c["available_node_types"]["gpu_1x"]["resources"].update(CPU=0.5), Exception),
+    (lambda c: c.update(setup_comands=[]), Exception),
+    (lambda c: c["available_node_types"]["gpu_1x"].pop("node_config"), Exception),
+])
+def test_broken_cluster_yaml_is_rejected(mutate, error):
+    cfg = shipped()
+    mutate(cfg)
+    with pytest.raises(error):
+        validate(cfg)
+
+
+def test_kuberay_manifest_shape():
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "run_pipeline.py benchmark" in job["spec"]["entrypoint"]
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_pids(marks: list[str]) -> set[int]:
+    """Processes whose command line names this head (its temp dir or GCS address), and all
+    their descendants (agents rename themselves, e.g. ``ray::DashboardAgent``)."""
+    parents, found = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(entry.name)] = ppid
+        if any(m.encode() in cmdline for m in marks):
+            found.add(int(entry.name))
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in found} - found
+        grew = bool(children)
+        found |= children
+    return found
+
+
+def stop_head(marks: list[str]) -> None:
+    """Stop only the processes of the head this test started (never `ray stop`, which would
+    stop every Ray instance of this user)."""
+    pids = head_pids(marks)
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+
+
+CLIENT = """
+import json, sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+address, entrypoint, working_dir = sys.argv[1:4]
+client = JobSubmissionClient(address)
+job = client.submit_job(entrypoint=entrypoint, runtime_env={
+    "working_dir": working_dir, "excludes": ["data/", "runs/", "reports/", ".git/", "*.db"]})
+deadline = time.time() + 240
+while (status := client.get_job_status(job)) not in {
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+    time.sleep(1)
+print(json.dumps({"status": str(status), "logs": client.get_job_logs(job)}))
+"""
+
+
+@pytest.mark.ray
+def test_job_submission_to_a_local_head(tmp_path):
+    import json
+
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths
+    dash, gcs = free_port(), free_port()
+    marks = [temp_dir, f"127.0.0.1:{gcs}"]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    try:
+        started = subprocess.run(
+            ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+             f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--metrics-export-port={free_port()}", "--disable-usage-stats"],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert started.returncode == 0, started.stderr[-2000:]
+        out = tmp_path / "jobdata"
+        entrypoint = (f"{sys.executable} run_pipeline.py prepare-data --source synthetic "
+                      f"--out {out} --num-samples 16 --num-test-samples 4")
+        # Ray 2.60 heads require the auth token: a client sends it with RAY_AUTH_MODE=token
+        client = subprocess.run([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{dash}",
+                                 entrypoint, str(ROOT)], capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ, RAY_AUTH_MODE="token"))
+        assert client.returncode == 0, client.stderr[-2000:]
+        result = json.loads(client.stdout.strip().splitlines()[-1])
+        assert result["status"] == "SUCCEEDED", result["logs"][-2000:]
+        assert f"wrote {out}: 10 classes, 32 px; train 16 in 8 shards" in result["logs"]
+        assert (out / "dataset.json").is_file()
+    finally:
+        stop_head(marks)
+    assert not any(Path(f"/proc/{p}").exists() for p in head_pids(marks))
