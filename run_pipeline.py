@@ -42,6 +42,7 @@ def load_cfg(args):
 
 def cmd_pretrain_local(args) -> int:
     import torch
+
     from attmask.train import pretrain_local
 
     cfg = load_cfg(args)
@@ -117,6 +118,7 @@ def cmd_benchmark(args) -> int:
 
 def cmd_bench_step(args) -> int:
     import torch
+
     from attmask import masking
     from attmask.bench import bench_step
 

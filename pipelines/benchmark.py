@@ -24,6 +24,7 @@ import yaml
 from attmask import masking
 from attmask.config import PRESET_DIR, Config, load_config
 from attmask.errors import ConfigError, UserError
+from attmask.eval.suite import SUITE
 from pipelines.report import Report, RunRecord, build_figures, build_tables
 
 BENCH_DIR = PRESET_DIR / "benchmark"
@@ -121,7 +122,7 @@ def plan(spec: BenchmarkSpec) -> str:
         f"{first.ray.num_workers} worker(s) per run",
         f"runs: {len(spec.configs)} = strategies {', '.join(spec.strategies)} x seeds "
         f"{spec.seeds}",
-        f"evaluation: {', '.join(spec.evaluation.get('suite', ['knn', 'linear', 'fewshot', 'robustness', 'attention']))}",
+        f"evaluation: {', '.join(spec.evaluation.get('suite', SUITE))}",
         f"report: reports/{spec.name}/report.md and report.html"])
 
 

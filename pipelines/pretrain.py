@@ -148,14 +148,13 @@ def train_worker(loop_config: dict) -> dict:
     """One Ray Train worker: the library loop with checkpoints through ``ray.train.report``."""
     import ray.train
     import ray.train.torch
+    from ray.train.v2._internal.execution import context as train_context
 
     from attmask.data.stream import EvalStream, make_loader, steps_per_epoch
     from attmask.data.transforms import EvalTransform
     from attmask.engine import Engine
     from attmask.train import Hooks, export_teacher, run_loop
     from attmask.viz import attention_and_masks, mask_grid_png
-
-    from ray.train.v2._internal.execution import context as train_context
 
     # Ray logs every report (with all metrics) at INFO from each rank; progress lines say enough.
     train_context.logger.setLevel(logging.WARNING)

@@ -107,7 +107,7 @@ class Report:
             lines += [f"## {t.title}", "", "| " + " | ".join(t.columns) + " |",
                       "|" + "|".join("---" for _ in t.columns) + "|"]
             lines += ["| " + " | ".join(row) + " |" for row in t.rows]
-            lines += ([f"", f"{t.note}"] if t.note else []) + [""]
+            lines += (["", f"{t.note}"] if t.note else []) + [""]
         for name, caption, _ in self.figures:
             lines += [f"## {caption}", "", f"![{caption}](img/{name})", ""]
         return "\n".join(lines)

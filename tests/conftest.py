@@ -27,6 +27,19 @@ def tiny_config(*overrides: str) -> Config:
     return load_config(overrides=TINY + list(overrides))
 
 
+def tiny_yaml(path: Path, *overrides: str) -> Path:
+    """The tiny config (plus ``overrides``) as a YAML file, for --config and search/bench bases."""
+    import yaml
+
+    data: dict = {}
+    for item in TINY + list(overrides):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """160 train / 32-per-variant synthetic images at 32 px, in 8 shards per split."""

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TINY
+from conftest import tiny_yaml
 from pipelines.benchmark import load_benchmark, run_benchmark
 from run_pipeline import main
 
@@ -20,12 +20,7 @@ STRATEGIES = ["random", "attmask_high"]
 
 
 def write_bench(tmp_path, **extra):
-    base = {}
-    for item in TINY:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        base.setdefault(section, {})[name] = yaml.safe_load(value)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(base))
+    tiny_yaml(tmp_path / "tiny.yaml")
     bench = {
         "description": "test benchmark", "smoke": True,
         "data": {"source": "synthetic", "out": str(tmp_path / "data"), "num_samples": 160,

@@ -1,14 +1,11 @@
 """The CLI's error rule (one ``error:`` line, exit 2, no traceback) and smoke runs."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, tiny_yaml
 from run_pipeline import main
 
 
@@ -68,10 +65,10 @@ def test_worker_side_data_error_is_one_line_from_a_real_process(tmp_path, synthe
     """A label error raised inside a DataLoader worker process still prints one line."""
     import shutil
 
+    import numpy as np
     import webdataset as wds
 
     from attmask.data.shards import png_bytes, sha256_file
-    import numpy as np
 
     data = tmp_path / "bad"
     shutil.copytree(synthetic_dir, data)
@@ -107,13 +104,7 @@ def test_prepare_data_and_pretrain_local_smoke(capsys, tmp_path):
 
 
 def test_bench_step_reports_ratios_bound_and_flops(capsys, tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    data = {}
-    for item in TINY:
-        key, value = item.split("=", 1)
-        section, field = key.split(".")
-        data.setdefault(section, {})[field] = yaml.safe_load(value)
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = tiny_yaml(tmp_path / "tiny.yaml")
     out = tmp_path / "bench.json"
     code, _, _ = run_main(capsys, "bench-step", "--config", str(cfg), "--steps", "2",
                           "--warmup", "1", "--strategies", "random,attmask_hint",

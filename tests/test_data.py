@@ -1,7 +1,6 @@
 """Sources -> shards -> streams, and every bad-input case of the data issue."""
 import functools
 import http.server
-import io
 import json
 import tarfile
 import threading
@@ -243,8 +242,8 @@ def test_http_url_stream_matches_file_stream(synthetic_dir):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         remote, local = load_dataset(url), load_dataset(synthetic_dir)
         assert remote.manifest == local.manifest
-        get = lambda ds: [(k, int(l)) for b in make_loader(  # noqa: E731
-            EvalStream(ds, "test", EvalTransform(32), 8), 0) for k, l in zip(b["key"], b["label"])]
+        get = lambda ds: [(k, int(y)) for b in make_loader(  # noqa: E731
+            EvalStream(ds, "test", EvalTransform(32), 8), 0) for k, y in zip(b["key"], b["label"])]
         assert get(remote) == get(local) and len(get(local)) == 32
     finally:
         server.shutdown()

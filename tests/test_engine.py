@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from attmask.engine import (Engine, NonFiniteLossError, check_finite, clip_per_tensor_,
-                            cosine_schedule, load_checkpoint, resolve_precision)
+from attmask.engine import (
+    Engine,
+    NonFiniteLossError,
+    check_finite,
+    clip_per_tensor_,
+    cosine_schedule,
+    load_checkpoint,
+    resolve_precision,
+)
 from conftest import tiny_config
 
 

@@ -15,7 +15,6 @@ from attmask.eval.suite import EvalOptions, Evaluator, load_teacher
 from attmask.models import MaskedViT
 from conftest import tiny_config
 
-
 CENTERS = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 3
 
 

@@ -7,20 +7,13 @@ from mlflow.tracking import MlflowClient
 
 from attmask.config import load_config
 from attmask.errors import ConfigError
-from conftest import ROOT, TINY
+from conftest import ROOT, tiny_yaml
 from pipelines.pretrain import run_pretrain
 from pipelines.tune import load_spec, plan, run_tune
 
 
 def tiny_base(tmp_path, data=None):
-    cfg = {}
-    for item in TINY + ([f"data.path={data}"] if data else []):
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        cfg.setdefault(section, {})[name] = yaml.safe_load(value)
-    path = tmp_path / "base.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_yaml(tmp_path / "base.yaml", *([f"data.path={data}"] if data else []))
 
 
 def write_search(tmp_path, **fields):

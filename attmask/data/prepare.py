@@ -6,8 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 from attmask.data.shards import existing_manifest, write_shards
-from attmask.data.sources import (SourceSpec, cifar10_source, imagefolder_source, npz_source,
-                                  synthetic_source)
+from attmask.data.sources import (
+    SourceSpec,
+    cifar10_source,
+    imagefolder_source,
+    npz_source,
+    synthetic_source,
+)
 from attmask.errors import DataError
 
 SOURCES = ["synthetic", "cifar10", "npz", "imagefolder"]

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from attmask.config import Config
 from attmask.data.shards import Dataset

@@ -15,7 +15,6 @@ class Features:
     features: torch.Tensor  # (N, D * n_last_blocks), float32 on CPU
     labels: torch.Tensor  # (N,)
     keys: list[str]
-    fg: Optional[torch.Tensor] = None  # (N, S, S) bool, when the data has masks
 
 
 @torch.no_grad()

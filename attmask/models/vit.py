@@ -96,7 +96,8 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int = 1,
         w_k = weight[inner:2 * inner].view(heads, head_dim, D)
         folded = torch.einsum("bhe,hed->bhd", q, w_k)  # (B, heads, D)
         logits = torch.einsum("bnd,bhd->bhn", x, folded)
-        logits = logits + torch.einsum("bhe,he->bh", q, bias[inner:2 * inner].view(heads, head_dim))[..., None]
+        key_bias = bias[inner:2 * inner].view(heads, head_dim)
+        logits = logits + torch.einsum("bhe,he->bh", q, key_bias)[..., None]
     else:  # qk-norm models need the normalised keys themselves
         k = (x @ weight[inner:2 * inner].T + bias[inner:2 * inner]).view(B, N, heads, head_dim)
         logits = torch.einsum("bhe,bnhe->bhn", q, attn.k_norm(k))
