@@ -220,7 +220,7 @@ def train_worker(loop_config: dict) -> dict:
         marker.write_text(f"fault injected at step {engine.step}\n")
         # Let the controller register the last report first (it polls periodically), as a real
         # crash a little later would; then die without cleanup.
-        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        time.sleep(max(2.0, 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))))
         os._exit(1)
 
     result = run_loop(engine, dataset, cfg,
