@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,7 +45,6 @@ class LoopResult:
     images_per_s: float
     final_metrics: dict
     skipped_samples: int
-    history: list[dict] = field(default_factory=list)
 
 
 def open_dataset(cfg: Config) -> Dataset:
@@ -69,7 +68,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     last = min(max_steps or engine.total_steps, engine.total_steps)
     monitor = OnlineKnn(dataset, cfg) if rank == 0 else None
     global_batch = cfg.train.batch_size_per_worker * world_size
-    history, skipped, floats, knn = [], 0, {}, {}
+    skipped, floats, knn = 0, {}, {}
     start, start_step = time.perf_counter(), engine.step
     checkpointed = engine.step
     while engine.step < last:
@@ -85,6 +84,9 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             end_of_epoch = engine.step % steps == 0
             every = cfg.train.checkpoint_every_steps
             checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
+            if end_of_epoch and monitor is not None and monitor.due(epoch):
+                knn = monitor(engine.teacher.backbone, engine.device)
+                print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
             if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now or fault:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)
@@ -92,17 +94,12 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                 rate = (engine.step - start_step) * global_batch / max(elapsed, 1e-9)
                 eta = (last - engine.step) * global_batch / max(rate, 1e-9)
                 floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1, **knn)
-                history.append(floats)
                 hooks.log(floats)
                 if rank == 0:
                     print_fn(f"epoch {epoch + 1}/{cfg.train.epochs} step {engine.step}/"
                              f"{engine.total_steps} loss {floats['loss']:.4f} masked "
                              f"{floats['masked_fraction']:.3f} lr {floats['lr']:.2e} "
                              f"{rate:.1f} img/s ETA {eta:.0f}s")
-            if end_of_epoch and monitor is not None and monitor.due(epoch):
-                knn = monitor(engine.teacher.backbone, engine.device)
-                floats.update(knn)
-                print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
             if checkpoint_now:
                 hooks.checkpoint(engine, dict(floats, end_of_epoch=end_of_epoch))
                 checkpointed = engine.step
@@ -114,7 +111,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         hooks.checkpoint(engine, dict(floats, end_of_epoch=False))
     elapsed = time.perf_counter() - start
     return LoopResult(engine.step, (engine.step - start_step) * global_batch / max(elapsed, 1e-9),
-                      floats, skipped, history)
+                      floats, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
