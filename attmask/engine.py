@@ -189,14 +189,16 @@ class Engine:
             # 2. Decide what to hide from the student.
             masks = self.masker(teacher.attention, self.grid, self.generator,
                                 batch_size=len(images), device=self.device)
+            # The teacher's targets, projected before the student runs, so the head's large
+            # temporaries are freed before the student's activations are held for backward.
+            with torch.no_grad():
+                teacher_cls, teacher_patch, center_mean = self._teacher_logits(teacher, masks)
             # 3. The student sees masked global crops and unmasked local crops.
             student_cls, student_patch = self.student_forward(images, locals_, masks,
                                                               patch_logits=self.patch_loss)
-            with torch.no_grad():
-                teacher_cls, teacher_patch, center_patches = self._teacher_logits(teacher, masks)
             # 4. Distill the teacher into the student.
             losses = self.loss(student_cls, teacher_cls, epoch, student_patch, teacher_patch,
-                               masks, center_patches)
+                               masks, center_mean)
 
         # 5. Update the student.
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,15 +224,16 @@ class Engine:
         return StepMetrics(values, scalars)
 
     def _teacher_logits(self, teacher, masks):
-        """Teacher head on [CLS], on the masked patches and on the patches feeding the centre."""
+        """Teacher head on [CLS] and on the masked patches, plus the mean logits of the patches
+        that feed the patch centre (all of them, or a ``loss.patch_center_sample`` share)."""
         if not self.patch_loss:
             return self.teacher.head(teacher.cls)[0], None, None
         patches = teacher.patches
         fraction = self.cfg.loss.patch_center_sample
         if fraction >= 1.0:
             cls_logits, all_patch = self.teacher.head(teacher.cls, patches.flatten(0, 1))
-            all_patch = all_patch.view(*patches.shape[:2], -1)
-            return cls_logits, all_patch[masks], all_patch.flatten(0, 1)
+            center_mean = all_patch.float().mean(0, keepdim=True)
+            return cls_logits, all_patch.view(*patches.shape[:2], -1)[masks], center_mean
         count = max(1, round(patches.shape[1] * fraction))
         noise = torch.rand(patches.shape[:2], device=patches.device, generator=self.generator)
         sample = noise.topk(count, dim=1).indices  # uniform subset per image
@@ -238,7 +241,8 @@ class Engine:
         masked = patches[masks]
         cls_logits, patch_logits = self.teacher.head(teacher.cls,
                                                      torch.cat([masked, sampled.flatten(0, 1)]))
-        return cls_logits, patch_logits[:len(masked)], patch_logits[len(masked):]
+        return (cls_logits, patch_logits[:len(masked)],
+                patch_logits[len(masked):].float().mean(0, keepdim=True))
 
     # ------------------------------------------------------------------------------------------
     # State

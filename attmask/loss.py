@@ -52,7 +52,8 @@ class IBOTLoss(nn.Module):
             teacher_cls: (G*B, K) logits of the teacher's global views.
             student_patch, teacher_patch: (M, K') logits at the masked positions ``masks``.
             masks: (G*B, P) bool, True where the student saw the mask token.
-            center_patches: (S, K') teacher patch logits the patch centre is estimated from.
+            center_patches: (S, K') teacher patch logits the patch centre is estimated from
+                (their (1, K') mean gives the same update).
         """
         epoch = min(epoch, len(self.teacher_temps) - 1)
         cls_loss = self._cls_loss(student_cls, teacher_cls, self.teacher_temps[epoch])
