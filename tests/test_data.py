@@ -2,6 +2,7 @@
 import functools
 import http.server
 import json
+import os
 import tarfile
 import threading
 from collections import Counter
@@ -344,3 +345,19 @@ def test_empty_or_unknown_split_is_an_error(tmp_path):
         ds.shard_urls("train")
     with pytest.raises(DataError, match="split 'val' not in"):
         ds.shard_urls("val")
+
+
+def test_s3_manifest_and_shards_go_through_the_aws_cli(synthetic_dir, tmp_path, monkeypatch):
+    """s3:// data is read with `aws s3 cp URL -`; a stand-in `aws` serving the local files shows
+    that the manifest and the streamed samples are the same as from the directory."""
+    fake = tmp_path / "bin" / "aws"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\n# aws s3 cp --quiet URL -\ncat "{synthetic_dir}/$(basename "$4")"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    remote, local = load_dataset("s3://bucket/synthetic"), load_dataset(synthetic_dir)
+    assert remote.manifest == local.manifest
+    assert remote.shard_urls("test")[0] == "s3://bucket/synthetic/test-000000.tar"
+    get = lambda ds: [k for b in make_loader(  # noqa: E731
+        EvalStream(ds, "test", EvalTransform(32), 8), 0) for k in b["key"]]
+    assert get(remote) == get(local)

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,16 +195,21 @@ class Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read ``path/dataset.json`` (``path`` a directory or an http(s)/file URL)."""
+    """Read ``path/dataset.json`` (``path`` a directory, an http(s)/file URL, or s3:// / gs://
+    through the AWS CLI / gsutil)."""
     root = str(path).rstrip("/")
     url = _join(root, MANIFEST)
     try:
-        if is_url(root):
+        if root.startswith(("s3://", "gs://")):  # the same tools that stream the shards
+            cmd = (["aws", "s3", "cp", "--quiet", url, "-"] if root.startswith("s3://")
+                   else ["gsutil", "cat", url])
+            text = subprocess.run(cmd, capture_output=True, check=True, timeout=120).stdout.decode()
+        elif is_url(root):
             with urllib.request.urlopen(url, timeout=30) as r:
                 text = r.read().decode()
         else:
             text = Path(url.removeprefix("file://")).read_text()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
         raise DataError(f"manifest not found or unreadable: {url} ({exc.__class__.__name__}); "
                         "create it with: python run_pipeline.py prepare-data --out DIR") from exc
     try:
