@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
 import random
@@ -254,8 +255,8 @@ def plan(spec: TuneSpec, base: Config) -> str:
 def _preview(spec: TuneSpec, rng: random.Random, count: int) -> list[dict]:
     grid_keys = [k for k, s in spec.space.items()
                  if "grid" in s or (spec.search == "grid" and "choice" in s)]
-    combos = [dict(zip(grid_keys, c)) for c in _product([next(iter(spec.space[k].values()))
-                                                         for k in grid_keys])]
+    combos = [dict(zip(grid_keys, c)) for c in itertools.product(
+        *(next(iter(spec.space[k].values())) for k in grid_keys))]
     out = []
     while len(out) < count:
         for combo in combos:
@@ -278,13 +279,6 @@ def _preview(spec: TuneSpec, rng: random.Random, count: int) -> list[dict]:
             if len(out) == count:
                 break
     return out
-
-
-def _product(lists: list[list]) -> list[tuple]:
-    result: list[tuple] = [()]
-    for values in lists:
-        result = [r + (v,) for r in result for v in values]
-    return result
 
 
 def _resources(spec: TuneSpec, base: Config) -> str:

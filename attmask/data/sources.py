@@ -7,6 +7,7 @@ to PNG by the writer) or already-encoded JPEG/PNG bytes that are passed through 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
         else:
             count = counts[split]
         if cap is not None:
-            count, it = min(count, cap), _take(it, cap)
+            count, it = min(count, cap), itertools.islice(it, cap)
         splits[split] = (count, it)
     return SourceSpec(classes, image_size, splits)
 
@@ -206,13 +207,6 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
 
     return SourceSpec(classes, min_side,
                       {split: (len(items), stream(split)) for split, items in files.items()})
-
-
-def _take(it: Iterator[Sample], n: int) -> Iterator[Sample]:
-    for i, s in enumerate(it):
-        if i >= n:
-            return
-        yield s
 
 
 def _per_class_stream(it: Iterator[Sample], k: int, num_classes: int) -> tuple[int, Iterator[Sample]]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from attmask.config import Config, ModelConfig, from_dict, load_config
+from attmask.config import Config, ModelConfig, from_dict
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import EvalStream, make_loader
 from attmask.data.transforms import EvalTransform
@@ -274,10 +274,3 @@ def _file_id(path: Path) -> str:
 
 def _manifest_id(dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_for(preset: Optional[str], path: Optional[str], overrides: list[str]) -> Optional[Config]:
-    if preset is None and path is None and not overrides:
-        return None
-    return load_config(preset=preset, path=path, overrides=overrides)
-
