@@ -75,10 +75,12 @@ def cmd_evaluate(args) -> int:
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
                           max_test_samples=args.max_test)
     suite = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
+    baselines = tuple(b.strip() for b in args.baselines.split(",")
+                      if b.strip() and args.baselines != "none")
     results = run_evaluate(cfg, data=args.data, checkpoint=args.checkpoint,
                            mlflow_run=args.mlflow_run, suite=suite,
                            robustness_set=args.robustness_set, out_dir=args.out,
-                           options=options, address=args.address)
+                           options=options, address=args.address, baselines=baselines)
     print(f"done: results in {Path(args.out) / 'results.json'}; MLflow run "
           f"{results['mlflow_run_id']}")
     return 0
@@ -206,6 +208,9 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="shard directory with dataset.json")
     p.add_argument("--suite", help="comma list of knn,linear,fewshot,robustness,attention")
     p.add_argument("--robustness-set", help="folder with train_original.npz, test_<variant>.npz")
+    p.add_argument("--baselines", default="init,pixels",
+                   help="reference points scored with the same protocols: init (the untrained "
+                        "network of the checkpoint's seed), pixels; 'none' to skip")
     p.add_argument("--out", default="eval", help="output directory (results.json, plots)")
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--max-train", type=int, help="cap on train images (features)")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from attmask.config import Config
-from attmask.engine import Engine
+from attmask.engine import Engine, build_net
 from attmask.masking import make_masker
 
 
@@ -76,7 +76,7 @@ def bench_step(cfg: Config, strategies: list[str], steps: int = 5, warmup: int =
              if n_local else None)
 
     # The bound: plain timm forward+backward of the same backbone on one global view of B images.
-    plain = engine._build_net().backbone.to(dev)
+    plain = build_net(cfg.model).backbone.to(dev)
     plain_x = images[0]
 
     def plain_step():

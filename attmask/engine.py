@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attmask.config import Config
+from attmask.config import Config, ModelConfig
 from attmask.errors import ConfigError
 from attmask.loss import IBOTLoss
 from attmask.masking import make_masker
@@ -74,6 +74,28 @@ class StepMetrics:
         return {**{k: float(v) for k, v in self.values.items()}, **self.scalars}
 
 
+def build_net(m: ModelConfig, drop_path: Optional[float] = None) -> MultiCropNet:
+    """Backbone plus projection head, freshly initialised from the global torch RNG."""
+    backbone = build_backbone(m, drop_path=drop_path)
+    head = IBOTHead(backbone.embed_dim, m.out_dim, hidden_dim=m.head_hidden_dim,
+                    bottleneck_dim=m.head_bottleneck_dim, num_layers=m.head_layers,
+                    norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
+                    patch_out_dim=m.patch_out_dim)
+    return MultiCropNet(backbone, head)
+
+
+def initial_networks(cfg: Config) -> tuple[MultiCropNet, MultiCropNet]:
+    """Student and teacher at step 0: a function of ``cfg.model`` and ``cfg.train.seed`` only,
+    so every masking strategy of one seed starts from bit-identical weights (the teacher is the
+    student's copy, as in DINO) and the "init" baseline is exactly what training starts from."""
+    torch.manual_seed(cfg.train.seed)
+    student = build_net(cfg.model)
+    teacher = build_net(cfg.model, drop_path=0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
 class Engine:
     """Student, EMA teacher, loss, optimiser and schedules for one (possibly distributed) run.
 
@@ -94,14 +116,11 @@ class Engine:
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
         self.device = device or resolve_device()
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        torch.manual_seed(cfg.train.seed)
         m, lc, o = cfg.model, cfg.loss, cfg.optim
         self.patch_loss = lc.framework == "ibot"
 
-        self.student = self._build_net().to(self.device)
-        self.teacher = self._build_net(drop_path=0.0).to(self.device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        student, teacher = initial_networks(cfg)
+        self.student, self.teacher = student.to(self.device), teacher.to(self.device)
         self.student_forward = wrap_student(self.student) if wrap_student else self.student
 
         self.masker = make_masker(cfg.masking.strategy, **cfg.masking.masker_kwargs())
@@ -137,15 +156,6 @@ class Engine:
         self._student_params = list(self.student.parameters())
         self._last_layer = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.step = 0
-
-    def _build_net(self, drop_path: Optional[float] = None) -> MultiCropNet:
-        m = self.cfg.model
-        backbone = build_backbone(m, drop_path=drop_path)
-        head = IBOTHead(backbone.embed_dim, m.out_dim, hidden_dim=m.head_hidden_dim,
-                        bottleneck_dim=m.head_bottleneck_dim, num_layers=m.head_layers,
-                        norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
-                        patch_out_dim=m.patch_out_dim)
-        return MultiCropNet(backbone, head)
 
     @property
     def epoch(self) -> int:

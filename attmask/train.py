@@ -69,7 +69,13 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     monitor = OnlineKnn(dataset, cfg) if rank == 0 else None
     global_batch = cfg.train.batch_size_per_worker * world_size
     skipped, floats, knn = 0, {}, {}
+    if monitor is not None and monitor.available and engine.step == 0:
+        # The untrained network's score is the baseline every later point is read against.
+        init = monitor(engine.teacher.backbone, engine.device)
+        print_fn(f"init: online k-NN top-1 {init['knn_top1']:.3f}")
+        hooks.log({"step": 0, "epoch": 0, "train_s": 0.0, **init})
     start, start_step = time.perf_counter(), engine.step
+    monitor_s = 0.0  # time spent measuring, not training: kept out of train_s
     checkpointed = engine.step
     while engine.step < last:
         epoch = engine.epoch
@@ -85,15 +91,19 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             every = cfg.train.checkpoint_every_steps
             checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
             if end_of_epoch and monitor is not None and monitor.due(epoch):
+                tick = time.perf_counter()
                 knn = monitor(engine.teacher.backbone, engine.device)
+                monitor_s += time.perf_counter() - tick
                 print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
             if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now or fault:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - monitor_s
                 rate = (engine.step - start_step) * global_batch / max(elapsed, 1e-9)
                 eta = (last - engine.step) * global_batch / max(rate, 1e-9)
-                floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1, **knn)
+                floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1,
+                              train_s=elapsed, **knn)
+                knn = {}  # logged at the step it was measured, not repeated after it
                 hooks.log(floats)
                 if rank == 0:
                     print_fn(f"epoch {epoch + 1}/{cfg.train.epochs} step {engine.step}/"

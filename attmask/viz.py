@@ -93,13 +93,16 @@ def bar_chart_png(series: dict[str, dict[str, float]], title: str, ylabel: str =
 
 
 def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
-                   ylabel: str) -> bytes:
+                   ylabel: str, hlines: Optional[dict[str, float]] = None) -> bytes:
+    """One line per series; ``hlines`` adds labelled horizontal reference lines (baselines)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, points in series.items():
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=name)
+    for (name, y), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(y, color="black", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

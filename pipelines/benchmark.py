@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 import yaml
 
 from attmask import masking
-from attmask.config import PRESET_DIR, Config, load_config
+from attmask.config import PRESET_DIR, Config, load_config, parse_override
 from attmask.errors import ConfigError, UserError
 from attmask.eval.suite import SUITE
-from pipelines.report import Report, RunRecord, build_figures, build_tables
+from pipelines.report import Report, Rows, RunRecord, build_figures, build_tables, takeaways
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
@@ -49,6 +49,12 @@ class BenchmarkSpec:
     evaluation: dict[str, Any]
     configs: dict[tuple[str, int], Config] = field(default_factory=dict)
     digest: str = ""
+    cli_overrides: list[str] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return " ".join(["python run_pipeline.py benchmark --preset", self.name,
+                         *self.cli_overrides])
 
     @property
     def bench_name(self) -> str:
@@ -88,14 +94,21 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be integers, got {seeds}")
+    swept = {"masking.strategy": "strategies", "train.seed": "seeds",
+             "train.run_name": "the benchmark's own run names"}
+    for key in [parse_override(o)[0] for o in cli_overrides or []] + list(raw.get("overrides") or {}):
+        if key in swept:
+            raise ConfigError(f"override {key}: the benchmark sets it per run (use {swept[key]} "
+                              f"in {path} instead)")
     model_preset = raw.get("preset", "tiny-cpu")
     spec = BenchmarkSpec(preset, raw.get("description", preset), bool(raw.get("smoke", False)),
                          data, model_preset, dict(raw.get("overrides") or {}),
-                         strategies, seeds, dict(raw.get("evaluation") or {}))
+                         strategies, seeds, dict(raw.get("evaluation") or {}),
+                         cli_overrides=list(cli_overrides or []))
     base = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
     base.append(f"data.path={json.dumps(str(Path(spec.data_dir)))}")
-    for strategy in strategies:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
+        for strategy in strategies:
             overrides = base + [f"masking.strategy={strategy}", f"train.seed={seed}",
                                 *(cli_overrides or [])]
             as_file = model_preset.endswith((".yaml", ".yml"))
@@ -168,6 +181,8 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
                                                         "benchmark": spec.name})
         for (strategy, seed), cfg in spec.configs.items():
             runs.append(_one_run(spec, strategy, seed, cfg, uri, parent, report_dir, log))
+            if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
+                make_report(spec, runs, time.perf_counter() - start).write(report_dir)
     wall = time.perf_counter() - start
     report = make_report(spec, runs, wall)
     md, page = report.write(report_dir)
@@ -277,15 +292,13 @@ def _has_artifact(client, run_id: str, path: str) -> bool:
 
 
 def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Report:
-    import torch
-
     first = next(iter(spec.configs.values()))
     devices = sorted({r.device for r in runs if r.device}) or ["?"]
     intro = [
         f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
         f"{wall_s:.0f} s on {platform.machine()} with {os.cpu_count()} CPU cores "
-        f"(runs on: {', '.join(devices)}); torch {torch.__version__}.",
-        f"Reproduce: python run_pipeline.py benchmark --preset {spec.name}",
+        f"(runs on: {', '.join(devices)}); {versions()}; commit {git_commit()}.",
+        f"Reproduce: {spec.command}",
         f"{len(runs)} runs: strategies {', '.join(spec.strategies)} x seeds {spec.seeds}; model "
         f"{first.model.arch} depth {first.model.dims[1]} at {first.model.image_size} px, "
         f"{first.train.epochs} epochs, masking ratio {first.masking.ratio} with probability "
@@ -296,11 +309,37 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Re
                      "end to end on a small CPU. At this budget the features barely move from "
                      "their random initialisation, so differences between strategies are noise; "
                      "use the cifar10 or paper-20pct-in1k presets to compare strategies.")
+    if len(runs) < len(spec.configs):
+        intro.append(f"IN PROGRESS: {len(runs)} of {len(spec.configs)} runs finished; running "
+                     "the same command again continues from the finished runs and the latest "
+                     "checkpoints.")
     failed = [r for r in runs if r.error]
     if failed:
         intro.append("FAILED RUNS: " + "; ".join(f"{r.run_name}: {r.error}" for r in failed))
-    return Report(f"attmask benchmark: {spec.name}", intro, build_tables(runs, spec.strategies),
-                  build_figures(runs, spec.strategies))
+    lead = takeaways(Rows.of(runs, spec.strategies), spec.strategies)
+    return Report(f"attmask benchmark: {spec.name}", lead + intro,
+                  build_tables(runs, spec.strategies), build_figures(runs, spec.strategies))
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "timm", "ray", "mlflow"))
+
+
+def git_commit() -> str:
+    """The checkout's commit (with ``+changes`` when the tree differs from it), or ``unknown``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty.strip() else "")
 
 
 def _log_report(uri: str, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:

@@ -7,15 +7,19 @@ else to a new run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from attmask.config import Config
+import yaml
+
+from attmask.config import Config, from_dict
 from attmask.errors import UserError
-from attmask.eval.suite import EvalOptions, Evaluator
+from attmask.eval.baselines import BASELINES
+from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
 from pipelines import tracking
 from pipelines.pretrain import storage_path
 from pipelines.ray_session import ray_session
@@ -39,8 +43,7 @@ def _run_part(args: dict, part: str) -> dict:
     """Body of one Ray task: the evaluator on this worker, then one part of the suite."""
     from attmask.viz import attention_and_masks, confusion_png, mask_grid_png
 
-    ev = Evaluator(args["checkpoint"], args["data"], cache_dir=args["cache_dir"],
-                   options=EvalOptions(**args["options"]), robustness_set=args["robustness_set"])
+    ev = _evaluator(args)
     start = time.perf_counter()
     pictures = {}
     if part == "prefetch":
@@ -50,6 +53,8 @@ def _run_part(args: dict, part: str) -> dict:
         result, cm = ev.linear()
         pictures["confusion_matrix.png"] = confusion_png(cm, ev.dataset.classes,
                                                          "linear probe, test split")
+    elif part == "attention" and ev.backbone is None:
+        result = ev.attention()  # says why it is skipped
     elif part == "attention":
         result = ev.attention()
         batch = ev.viz_batch()
@@ -63,6 +68,55 @@ def _run_part(args: dict, part: str) -> dict:
         result = getattr(ev, part)()
     return {"part": part, "result": result, "pictures": pictures,
             "seconds": time.perf_counter() - start}
+
+
+def _evaluator(args: dict) -> Evaluator:
+    """The evaluator a task's ``args`` describe: a checkpoint, or a baseline of a config."""
+    common = dict(cache_dir=args["cache_dir"], options=EvalOptions(**args["options"]),
+                  robustness_set=args["robustness_set"])
+    if args.get("baseline"):
+        cfg = from_dict(yaml.safe_load(args["config"])).validate()
+        return Evaluator.for_baseline(args["baseline"], cfg, args["data"], **common)
+    return Evaluator.from_checkpoint(args["checkpoint"], args["data"], **common)
+
+
+def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], None],
+                    label: str) -> tuple[dict, dict[str, bytes]]:
+    """Features once (cached), then every part of ``suite`` as its own task."""
+    import ray
+
+    ray.get(task.remote(args, "prefetch"))  # every part below reads these cached features
+    parts = ray.get([task.remote(args, part) for part in suite])
+    results: dict = {}
+    pictures: dict[str, bytes] = {}
+    for p in parts:
+        results[p["part"]] = p["result"]
+        pictures.update(p["pictures"])
+        log(f"{label}{p['part']}: {json.dumps(p['result'])[:300]} ({p['seconds']:.1f}s)")
+    return results, pictures
+
+
+def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, cache: Path,
+              log: Callable[[str], None]) -> dict:
+    """One baseline's results, computed once per (baseline, data, options) and then read back
+    from ``cache`` by every later evaluation that needs it."""
+    probe = Evaluator.for_baseline(kind, model_cfg, args["data"], cache_dir=args["cache_dir"],
+                                   options=EvalOptions(**args["options"]),
+                                   robustness_set=args["robustness_set"])
+    key = json.dumps([probe.model_id, manifest_id(probe.dataset), args["options"], suite,
+                      args["robustness_set"]], sort_keys=True)
+    path = cache / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        log(f"baseline {kind}: reusing {path}")
+        return json.loads(path.read_text())
+    part_args = dict(args, baseline=kind, config=model_cfg.to_yaml())
+    parts = [p for p in suite if not (kind == "pixels" and p == "attention")]
+    results, _ = _evaluate_parts(part_args, parts, task, log, f"baseline {kind}: ")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    return results
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
@@ -84,6 +138,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
     for name, value in results.get("attention", {}).items():
         if isinstance(value, float):
             out[f"eval/attention_{name}"] = value
+    for kind, baseline in results.get("baselines", {}).items():
+        out.update({k.replace("eval/", f"eval/{kind}/", 1): v
+                    for k, v in flat_metrics(baseline).items()})
     return out
 
 
@@ -91,7 +148,8 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
                  mlflow_run: Optional[str] = None, suite: Optional[list[str]] = None,
                  robustness_set: Optional[str] = None, out_dir: str = "eval",
                  options: Optional[EvalOptions] = None, address: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print,
+                 baselines: tuple[str, ...] = BASELINES) -> dict:
     """Evaluate one checkpoint; returns the ``results.json`` content."""
     import ray
 
@@ -109,8 +167,12 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     if suite:
         options.suite = suite
     # Validate checkpoint, data and options here, before any task is scheduled.
-    probe = Evaluator(checkpoint, data, cache_dir=out / "features", options=options,
-                      robustness_set=robustness_set, device=None)
+    for kind in baselines:
+        if kind not in BASELINES:
+            raise UserError(f"--baselines {kind}: allowed values are {', '.join(BASELINES)}")
+    probe = Evaluator.from_checkpoint(checkpoint, data, cache_dir=out / "features",
+                                      options=options, robustness_set=robustness_set)
+    model_cfg = probe.cfg  # the checkpoint's own config: its architecture and seed
     del probe
     args = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(data),
             "cache_dir": str((out / "features").resolve()), "options": asdict(options),
@@ -119,14 +181,11 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     with ray_session(address):
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(_run_part)
-        ray.get(task.remote(args, "prefetch"))  # every part below reads these cached features
-        parts = ray.get([task.remote(args, part) for part in options.suite])
-    results: dict = {"checkpoint": str(checkpoint), "data": str(data)}
-    pictures: dict[str, bytes] = {}
-    for p in parts:
-        results[p["part"]] = p["result"]
-        pictures.update(p["pictures"])
-        log(f"{p['part']}: {json.dumps(p['result'])[:300]} ({p['seconds']:.1f}s)")
+        parts, pictures = _evaluate_parts(args, options.suite, task, log, "")
+        results: dict = {"checkpoint": str(checkpoint), "data": str(data), **parts}
+        cache = Path(cfg.train.output_dir).resolve() / "baselines"
+        results["baselines"] = {kind: _baseline(kind, model_cfg, args, options.suite, task, cache,
+                                                log) for kind in baselines}
     if "variants" in results.get("robustness", {}):
         pictures["robustness.png"] = bar_chart_png({"linear probe": results["robustness"]["variants"]},
                                                    "background robustness (test variants)")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from attmask.eval.stats import PairedDifference, paired_difference
+
 FEWSHOT = ["1", "5", "10", "20"]
 
 
@@ -44,47 +46,176 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def signed(values: list[float]) -> str:
+    """Mean ± std of differences in points, with an explicit sign."""
+    if not values:
+        return "—"
+    mean = f"{100 * statistics.fmean(values):+.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _get(results: dict, path: tuple[str, ...]) -> Optional[float]:
+    node = results
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return float(node) if isinstance(node, (int, float)) else None
+
+
 def _values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
+    return [v for r in runs if (v := _get(r.results, path)) is not None]
+
+
+KNN = ("knn", "k20", "top1")
+LINEAR = ("linear", "top1")
+BG_GAP = ("robustness", "bg_gap")
+PAIRED_METRICS = [("k-NN top-1", KNN), ("linear top-1", LINEAR), ("BG-gap", BG_GAP)]
+BASELINE_ROWS = [("init", "init (untrained, same seed)"), ("pixels", "pixels")]
+
+
+@dataclass
+class Rows:
+    """The runs of a report grouped the way every table reads them: per strategy the finished
+    runs, and per baseline one result per seed (every strategy of a seed shares it)."""
+
+    strategies: dict[str, list[RunRecord]]
+    baselines: dict[str, list[dict]]
+    init_by_seed: dict[int, dict]
+
+    @classmethod
+    def of(cls, runs: list[RunRecord], strategies: list[str]) -> "Rows":
+        ok = {s: [r for r in runs if r.strategy == s and r.error is None] for s in strategies}
+        per_seed: dict[str, dict[int, dict]] = {kind: {} for kind, _ in BASELINE_ROWS}
+        for r in runs:
+            for kind, result in r.results.get("baselines", {}).items():
+                per_seed.setdefault(kind, {}).setdefault(r.seed, result)
+        # pixels do not depend on the seed: one row from one evaluation
+        pixels = list(per_seed.get("pixels", {}).values())[:1]
+        baselines = {"init": list(per_seed["init"].values()), "pixels": pixels}
+        return cls(ok, baselines, per_seed["init"])
+
+    def baseline_values(self, kind: str, path: tuple[str, ...]) -> list[float]:
+        return [v for res in self.baselines[kind] if (v := _get(res, path)) is not None]
+
+    def gains(self, strategy: str, path: tuple[str, ...]) -> list[float]:
+        """Per-seed gain of a strategy over the untrained network of the same seed."""
+        out = []
+        for r in self.strategies[strategy]:
+            value, init = _get(r.results, path), _get(self.init_by_seed.get(r.seed, {}), path)
+            if value is not None and init is not None:
+                out.append(value - init)
+        return out
+
+    def paired(self, strategy: str, reference: str, path: tuple[str, ...]
+               ) -> Optional[PairedDifference]:
+        ref = {r.seed: v for r in self.strategies[reference] if (v := _get(r.results, path))
+               is not None}
+        arm = {r.seed: v for r in self.strategies[strategy] if (v := _get(r.results, path))
+               is not None}
+        seeds = sorted(set(ref) & set(arm))
+        if not seeds:
+            return None
+        return paired_difference([arm[s] for s in seeds], [ref[s] for s in seeds])
+
+
+def _metric_rows(rows: Rows, strategies: list[str], paths: list[tuple[str, ...]],
+                 gain: Optional[tuple[str, ...]]) -> list[list[str]]:
+    """Baseline rows first, then one row per strategy (with its gain over init)."""
     out = []
-    for r in runs:
-        node = r.results
-        for key in path:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, (int, float)):
-            out.append(float(node))
+    for kind, label in BASELINE_ROWS:
+        if rows.baselines[kind]:
+            out.append([label, *[mean_std(rows.baseline_values(kind, p)) for p in paths],
+                        *(["0 (reference)" if kind == "init" else
+                           signed([v - i for v, i in zip(rows.baseline_values(kind, gain),
+                                                         rows.baseline_values("init", gain))])]
+                          if gain else [])])
+    for s in strategies:
+        out.append([s, *[mean_std(_values(rows.strategies[s], p)) for p in paths],
+                    *([signed(rows.gains(s, gain))] if gain else [])])
     return out
 
 
+def paired_table(rows: Rows, strategies: list[str], reference: str = "random") -> Optional[Table]:
+    """Each strategy minus ``reference`` per seed: mean, 95 % Student-t interval, verdict."""
+    if reference not in strategies:
+        return None
+    body = []
+    for s in strategies:
+        if s == reference:
+            continue
+        for label, path in PAIRED_METRICS:
+            d = rows.paired(s, reference, path)
+            if d is None:
+                continue
+            interval = ("—" if d.low is None else
+                        f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
+            body.append([s, label, str(d.n), f"{100 * d.mean:+.1f}", interval, d.verdict])
+    if not body:
+        return None
+    return Table(f"Strategy vs {reference}, paired over seeds (points)",
+                 ["strategy", "metric", "seeds", "mean difference", "95 % interval", "verdict"],
+                 body, "Per seed both arms start from identical weights and see the same samples; "
+                       "the interval is Student t on the per-seed differences (n - 1 degrees of "
+                       "freedom). An interval containing 0 is not distinguishable at this budget.")
+
+
+def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
+    """What a reader should take away, in words, before the tables."""
+    lines = []
+    init, pixels = rows.baseline_values("init", KNN), rows.baseline_values("pixels", KNN)
+    gains = [f"{s} {signed(rows.gains(s, KNN))}" for s in strategies if rows.gains(s, KNN)]
+    if gains:
+        ref = (f"untrained network {mean_std(init)} %" if init else "untrained network")
+        ref += f", raw pixels {mean_std(pixels)} %" if pixels else ""
+        lines.append(f"Learning: k-NN top-1 gain over the untrained network of the same seed "
+                     f"(points): {', '.join(gains)} ({ref}).")
+    verdicts = []
+    for s in strategies:
+        d = rows.paired(s, "random", KNN) if s != "random" and "random" in strategies else None
+        if d is not None:
+            verdicts.append(f"{s} {100 * d.mean:+.1f} ({d.verdict})")
+    if verdicts:
+        lines.append(f"Against random masking, k-NN top-1 paired over seeds: {'; '.join(verdicts)}.")
+    if "attmask_high" in strategies:
+        masked = _values(rows.strategies["attmask_high"], ("attention", "masked_on_object"))
+        share = _values(rows.strategies["attmask_high"], ("attention", "object_share"))
+        if masked and share:
+            lines.append(f"AttMask-High hides the object: {mean_std(masked)} % of its masked "
+                         f"patches lie on the object, against an object share of "
+                         f"{mean_std(share)} % of all patches (what random masking hides on "
+                         f"average).")
+    return lines
+
+
 def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
-    ok = {s: [r for r in runs if r.strategy == s and r.error is None] for s in strategies}
-    tables = [
-        Table("k-NN on the teacher's [CLS] (k = 20, T = 0.07), %", ["strategy", "top-1", "top-5"],
-              [[s, mean_std(_values(ok[s], ("knn", "k20", "top1"))),
-                mean_std(_values(ok[s], ("knn", "k20", "top5")))] for s in strategies]),
+    rows = Rows.of(runs, strategies)
+    tables = [Table("k-NN on the teacher's [CLS] (k = 20, T = 0.07), %",
+                    ["model", "top-1", "top-5", "gain over init (points)"],
+                    _metric_rows(rows, strategies, [KNN, ("knn", "k20", "top5")], KNN))]
+    if (paired := paired_table(rows, strategies)) is not None:
+        tables.append(paired)
+    tables += [
         Table("Linear probe (last 4 blocks, epoch chosen on a validation split), %",
-              ["strategy", "test top-1", "val top-1"],
-              [[s, mean_std(_values(ok[s], ("linear", "top1"))),
-                mean_std(_values(ok[s], ("linear", "val_top1")))] for s in strategies]),
+              ["model", "test top-1", "val top-1", "gain over init (points)"],
+              _metric_rows(rows, strategies, [LINEAR, ("linear", "val_top1")], LINEAR)),
         Table("Few-shot k-NN (nu images per class; 1-NN for nu = 1, else 20-NN; 5 splits), %",
-              ["strategy", *[f"nu={nu}" for nu in FEWSHOT]],
-              [[s, *[mean_std(_values(ok[s], ("fewshot", nu, "mean"))) for nu in FEWSHOT]]
-               for s in strategies], "— : the data has too few images per class for 5 disjoint splits"),
+              ["model", *[f"nu={nu}" for nu in FEWSHOT]],
+              _metric_rows(rows, strategies, [("fewshot", nu, "mean") for nu in FEWSHOT], None),
+              "— : the data has too few images per class for 5 disjoint splits"),
     ]
     variants = sorted({v for r in runs for v in r.results.get("robustness", {}).get("variants", {})})
     if variants:
         tables.append(Table("Background robustness (linear probe fit on the original training "
                             "split), %; BG-gap = mixed_same - mixed_rand",
-                            ["strategy", *variants, "BG-gap"],
-                            [[s, *[mean_std(_values(ok[s], ("robustness", "variants", v)))
-                                   for v in variants],
-                              mean_std(_values(ok[s], ("robustness", "bg_gap")))]
-                             for s in strategies]))
+                            ["model", *variants, "BG-gap"],
+                            _metric_rows(rows, strategies,
+                                         [*[("robustness", "variants", v) for v in variants],
+                                          BG_GAP], None)))
     if any("attention" in r.results for r in runs):
         tables.append(Table("Attention on the object, % of patches on the foreground",
                             ["strategy", "top-10% attended", "AttMask-High masked", "all patches"],
-                            [[s, mean_std(_values(ok[s], ("attention", "topk_on_object"))),
-                              mean_std(_values(ok[s], ("attention", "masked_on_object"))),
-                              mean_std(_values(ok[s], ("attention", "object_share")))]
+                            [[s, mean_std(_values(rows.strategies[s], ("attention", "topk_on_object"))),
+                              mean_std(_values(rows.strategies[s], ("attention", "masked_on_object"))),
+                              mean_std(_values(rows.strategies[s], ("attention", "object_share")))]
                              for s in strategies]))
     tables.append(Table("Cost per run", ["run", "wall time (s)", "train images/s", "device",
                                          "status"],
@@ -155,9 +286,12 @@ def build_figures(runs: list[RunRecord], strategies: list[str]) -> list[tuple[st
     figures = []
     histories = {f"{r.strategy} (seed {r.seed})": r.knn_history for r in runs if r.knn_history}
     if histories:
+        # the monitor's own step-0 score: the same bank and test images as the curves
+        init = [h[0][1] for h in histories.values() if h[0][0] == 0]
+        hlines = {"init (untrained)": statistics.fmean(init)} if init else None
         figures.append(("online_knn.png", "Online k-NN top-1 of the teacher during pretraining",
                         line_chart_png(histories, "online k-NN (k=20) during pretraining", "epoch",
-                                       "top-1")))
+                                       "top-1", hlines)))
     series, errors = {}, {}
     for s in strategies:
         variants: dict[str, list[float]] = {}

@@ -94,6 +94,16 @@ def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
         Image.open(io.BytesIO(base64.b64decode(match.group(1)))).verify()
     md = result.report_md.read_text()
     assert "SMOKE SCALE" in md and "| random |" in md and "BG-gap" in md
+    # baselines lead every accuracy table; the paired table answers with one seed honestly
+    for table in md.split("\n## ")[1:]:
+        if table.startswith(("k-NN", "Linear probe", "Few-shot", "Background")):
+            rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+            assert rows[0].startswith("| init (untrained, same seed) |"), table
+            assert rows[1].startswith("| pixels |"), table
+    assert "## Strategy vs random, paired over seeds" in md and "one seed: no interval" in md
+    assert md.splitlines()[2].startswith("Learning: k-NN top-1 gain over the untrained network")
+    runs = {r.strategy: r.results for r in result.runs}
+    assert runs["random"]["baselines"] == runs["attmask_high"]["baselines"]  # once per seed
     for line in md.splitlines():
         if line.startswith("![") and "(img/" in line:
             assert (result.report_md.parent / line.split("(")[1].rstrip(")")).is_file()
@@ -132,3 +142,13 @@ def test_report_renders_in_headless_chromium(bench_run, tmp_path):
     image = Image.open(shot)
     assert image.size == (1200, 3000)
     assert len(image.convert("L").getcolors(256)) > 20  # rendered content, not a blank page
+
+
+@pytest.mark.parametrize("override", ["masking.strategy=random", "train.seed=7",
+                                      "train.run_name=x"])
+def test_swept_keys_cannot_be_overridden(tmp_path, capsys, override):
+    # otherwise every run named ...-attmask_high-s0 would silently train another strategy/seed
+    path = write_bench(tmp_path)
+    assert main(["benchmark", "--preset", str(path), "--dry-run", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: override {override.split('=')[0]}")

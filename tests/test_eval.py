@@ -111,7 +111,8 @@ def test_wrong_architecture_or_missing_keys_are_errors(tiny_checkpoint, tmp_path
 
 def test_suite_on_synthetic_with_all_variants(tiny_checkpoint, synthetic_dir, tmp_path):
     opts = EvalOptions(probe_epochs=5, shots=(1, 5))
-    ev = Evaluator(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "cache", options=opts)
+    ev = Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "cache",
+                                   options=opts)
     ev.prefetch()
     cached = len(list((tmp_path / "cache").glob("*.pt")))
     assert cached == 7  # train, test and five variants, each extracted once
@@ -123,8 +124,10 @@ def test_suite_on_synthetic_with_all_variants(tiny_checkpoint, synthetic_dir, tm
     knn = ev.knn()
     assert set(knn) == {"k10", "k20", "k100", "k200"}
     linear, cm = ev.linear()
-    assert cm.sum() == 32 and 0 <= linear["top1"] <= 1 and linear["n_last_blocks"] == 4
-    assert ev.features("train", 4).features.shape[1] == 4 * ev.features("train", 1).features.shape[1]
+    # the tiny model has 2 blocks: "last 4 blocks" are both of them, sliced per block
+    assert cm.sum() == 32 and 0 <= linear["top1"] <= 1 and linear["n_last_blocks"] == 2
+    assert ev.features("train", 4).features.shape[1] == 2 * ev.features("train", 1).features.shape[1]
+    assert torch.equal(ev.features("train", 4).features[:, -192:], ev.features("train", 1).features)
     assert "skipped" in ev.fewshot()["5"]  # 160 train images cannot give 5 x 5 per class
     assert 0 <= ev.attention()["topk_on_object"] <= 1
     ev.prefetch()
@@ -138,20 +141,21 @@ def test_external_robustness_set_and_data_checks(tiny_checkpoint, synthetic_dir,
     for name, n in (("train_original", 40), ("test_mixed_rand", 12), ("test_only_fg", 12)):
         np.savez(rob / f"{name}.npz", images=rng.integers(0, 255, (n, 48, 48, 3), dtype=np.uint8),
                  labels=np.arange(n) % 10)
-    ev = Evaluator(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c", robustness_set=rob,
-                   options=EvalOptions(probe_epochs=3))
+    ev = Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c",
+                                   robustness_set=rob, options=EvalOptions(probe_epochs=3))
     assert set(ev.robustness()["variants"]) == {"mixed_rand", "only_fg"}
     np.savez(rob / "train_original.npz", images=np.zeros((4, 8, 8, 3), np.uint8),
              labels=np.array([0, 1, 2, 30]))
     with pytest.raises(DataError, match="labels up to 30 do not fit the 10 classes"):
-        Evaluator(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c", robustness_set=rob)
+        Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c",
+                                  robustness_set=rob)
     with pytest.raises(UserError, match="--suite"):
-        Evaluator(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c",
-                  options=EvalOptions(suite=["knn", "bogus"]))
+        Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c",
+                                  options=EvalOptions(suite=["knn", "bogus"]))
     manifest = json.loads((synthetic_dir / "dataset.json").read_text())
     small = tmp_path / "small"
     small.mkdir()
     manifest["image_size"] = 16
     (small / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="smaller than the model input 32 px"):
-        Evaluator(tiny_checkpoint, small, cache_dir=tmp_path / "c")
+        Evaluator.from_checkpoint(tiny_checkpoint, small, cache_dir=tmp_path / "c")

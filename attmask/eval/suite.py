@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
 from attmask.config import Config, ModelConfig, from_dict
 from attmask.data.shards import Dataset, load_dataset
@@ -25,6 +26,7 @@ from attmask.data.transforms import EvalTransform
 from attmask.engine import load_checkpoint, resolve_device
 from attmask.errors import DataError, UserError
 from attmask.eval.attention import attention_on_object
+from attmask.eval.baselines import baseline_id, baseline_model
 from attmask.eval.features import Features, extract_features
 from attmask.eval.fewshot import fewshot_knn
 from attmask.eval.knn import knn_accuracy
@@ -117,24 +119,42 @@ def npz_batches(path: Path, transform: EvalTransform, batch_size: int) -> Iterat
 
 
 class Evaluator:
-    """One checkpoint on one dataset; features are cached under ``cache_dir``."""
+    """One model on one dataset; features are cached under ``cache_dir``.
 
-    def __init__(self, checkpoint: str | Path, data: str | Path, *, cache_dir: str | Path,
-                 options: Optional[EvalOptions] = None, config: Optional[Config] = None,
+    Build it with :meth:`from_checkpoint` (a trained teacher) or :meth:`for_baseline` (the
+    untrained ``init`` network of a seed, or raw ``pixels``); every part then runs the same way.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, model_id: str, data: str | Path, *,
+                 cache_dir: str | Path, options: Optional[EvalOptions] = None,
                  robustness_set: Optional[str | Path] = None,
                  device: Optional[torch.device] = None) -> None:
         self.options = options or EvalOptions()
         self.options.validate()
-        self.backbone, self.cfg = load_teacher(checkpoint, config)
+        self.model, self.cfg, self.model_id = model, cfg, model_id
         self.device = device or resolve_device()
-        self.backbone.to(self.device)
+        self.model.to(self.device)
         self.dataset: Dataset = load_dataset(data)
         self.robustness_set = Path(robustness_set) if robustness_set else None
         self._check_data()
         self.transform = EvalTransform(self.cfg.model.image_size)
         self.cache_dir = Path(cache_dir)
-        self.checkpoint_id = _file_id(Path(checkpoint))
         self.num_classes = len(self.dataset.classes)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, data: str | Path, *,
+                        config: Optional[Config] = None, **kwargs) -> "Evaluator":
+        backbone, cfg = load_teacher(checkpoint, config)
+        return cls(backbone, cfg, _file_id(Path(checkpoint)), data, **kwargs)
+
+    @classmethod
+    def for_baseline(cls, kind: str, cfg: Config, data: str | Path, **kwargs) -> "Evaluator":
+        return cls(baseline_model(kind, cfg), cfg, baseline_id(kind, cfg), data, **kwargs)
+
+    @property
+    def backbone(self) -> Optional[MaskedViT]:
+        """The ViT being evaluated, or None for raw pixels (no attention to read)."""
+        return self.model if isinstance(self.model, MaskedViT) else None
 
     def _check_data(self) -> None:
         m, ds = self.cfg.model, self.dataset
@@ -163,16 +183,21 @@ class Evaluator:
         most = max(self.options.knn_blocks, self.options.linear_blocks)
         if blocks > most:
             raise ValueError(f"blocks={blocks} > {most}")
+        most = min(most, self.model.max_blocks)  # a 2-block model has no 4 last blocks
+        blocks = min(blocks, most)
         cached = self._extract(split, most)
         dim = cached.features.shape[1] // most
-        return Features(cached.features[:, -blocks * dim:], cached.labels, cached.keys)
+        features = cached.features[:, -blocks * dim:]
+        if getattr(self.model, "center", False):
+            features = features - self._extract("train", most).features[:, -blocks * dim:].mean(0)
+        return Features(features, cached.labels, cached.keys)
 
     def _extract(self, split: str, blocks: int) -> Features:
         limit = (self.options.max_train_samples if split in ("train", "rob:train_original")
                  else self.options.max_test_samples)
         source = str(self.robustness_set) if split.startswith("rob:") else self.dataset.root
-        key = json.dumps([self.checkpoint_id, source, split, blocks, limit,
-                          self.cfg.model.image_size, _manifest_id(self.dataset)])
+        key = json.dumps([self.model_id, source, split, blocks, limit,
+                          self.cfg.model.image_size, manifest_id(self.dataset)])
         path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if path.is_file():
             cached = torch.load(path, weights_only=True)
@@ -184,7 +209,7 @@ class Evaluator:
             stream = EvalStream(self.dataset, split, self.transform, self.options.batch_size,
                                 max_corrupt_fraction=self.cfg.data.max_corrupt_fraction)
             batches = make_loader(stream, 0)
-        feats = extract_features(self.backbone, batches, n_last_blocks=blocks,
+        feats = extract_features(self.model, batches, n_last_blocks=blocks,
                                  device=self.device, limit=limit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -222,7 +247,8 @@ class Evaluator:
         probe = train_probe(tr.features, tr.labels, self.num_classes,
                             epochs=self.options.probe_epochs, lr=self.options.probe_lr)
         result = {"top1": accuracy(probe.model, te.features, te.labels),
-                  "val_top1": probe.val_top1, "epoch": probe.epoch, "n_last_blocks": b}
+                  "val_top1": probe.val_top1, "epoch": probe.epoch,
+                  "n_last_blocks": min(b, self.model.max_blocks)}
         return result, confusion_matrix(probe.model, te.features, te.labels, self.num_classes)
 
     def fewshot(self) -> dict:
@@ -253,6 +279,8 @@ class Evaluator:
     def attention(self) -> dict:
         if not self.dataset.has_fg():
             return {"skipped": f"{self.dataset.root} has no foreground masks"}
+        if self.backbone is None:
+            return {"skipped": "raw pixels have no attention"}
         m = self.cfg.masking
         stream = EvalStream(self.dataset, "test", self.transform, self.options.batch_size)
         mid = sum(m.ratio) / 2
@@ -272,5 +300,5 @@ def _file_id(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _manifest_id(dataset: Dataset) -> str:
+def manifest_id(dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()[:16]

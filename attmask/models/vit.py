@@ -58,6 +58,11 @@ class MaskedViT(VisionTransformer):
         x = self.norm(x)
         return ViTOutput(cls=x[:, 0], patches=x[:, self.num_prefix_tokens:], attention=attention)
 
+    @property
+    def max_blocks(self) -> int:
+        """How many blocks' [CLS] tokens :meth:`cls_features` can concatenate."""
+        return len(self.blocks)
+
     @torch.no_grad()
     def cls_features(self, images: torch.Tensor, n_last_blocks: int = 1) -> torch.Tensor:
         """Concatenated [CLS] tokens of the last ``n_last_blocks`` blocks, each through the final

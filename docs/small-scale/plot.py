@@ -1,0 +1,45 @@
+"""Plot the recipe study: online k-NN of the teacher against CPU-minutes of training, one line
+per trial, the untrained network's score (step 0) as a horizontal line.
+
+Usage: python docs/small-scale/plot.py [STUDY_DIR] [OUT_PNG]
+       (defaults: runs/study, docs/small-scale/knn_vs_cpu_minutes.png)
+Prints a table (trial, steps, CPU-minutes, init, best and last k-NN) for docs/small-scale.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from attmask.viz import line_chart_png
+
+
+def curves(study: Path) -> dict[str, list[tuple[float, float]]]:
+    """trial -> [(training minutes, k-NN top-1 %)], from each run's metrics.jsonl."""
+    out = {}
+    for metrics in sorted(study.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        points = [(r.get("train_s", 0.0) / 60, 100 * r["knn_top1"]) for r in rows
+                  if "knn_top1" in r]
+        if points:
+            out[metrics.parent.name] = points
+    return out
+
+
+def main() -> None:
+    study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    png = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/small-scale/knn_vs_cpu_minutes.png")
+    series = curves(study)
+    inits = [pts[0][1] for pts in series.values() if pts[0][0] == 0]
+    hlines = {"init (untrained)": sum(inits) / len(inits)} if inits else None
+    png.write_bytes(line_chart_png(series, "CIFAR-10 32 px: teacher k-NN (k=20) while training",
+                                   "training CPU-minutes (2 cores)", "k-NN top-1 %", hlines))
+    print("| trial | CPU-min | init | best | last | gain (last - init) |")
+    print("|---|---|---|---|---|---|")
+    for name, pts in series.items():
+        print(f"| {name} | {pts[-1][0]:.1f} | {pts[0][1]:.1f} | {max(p[1] for p in pts):.1f} | "
+              f"{pts[-1][1]:.1f} | {pts[-1][1] - pts[0][1]:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Paired statistics: known differences give the known interval and verdict."""
+import math
+
+import pytest
+
+from attmask.eval.stats import (
+    NOT_DISTINGUISHABLE,
+    ONE_SEED,
+    paired_difference,
+    seeds_for_half_width,
+    t_quantile,
+)
+
+
+def test_t_quantiles_match_the_table():
+    # measuring.md: t = 4.30 for 3 seeds, 2.78 for 5, 2.26 for 10 (95 %, n - 1 dof)
+    assert t_quantile(0.95, 2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile(0.95, 4) == pytest.approx(2.776, abs=1e-3)
+    assert t_quantile(0.95, 9) == pytest.approx(2.262, abs=1e-3)
+
+
+def test_known_differences_give_the_known_interval():
+    # differences 1, 2, 3: mean 2, std 1, half-width 4.303 / sqrt(3)
+    d = paired_difference([0.51, 0.42, 0.73], [0.50, 0.40, 0.70])
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(0.02)
+    assert d.low == pytest.approx(0.02 - half, abs=1e-6) and d.high == pytest.approx(0.02 + half,
+                                                                                    abs=1e-6)
+    assert d.verdict == NOT_DISTINGUISHABLE  # the interval [-0.5, 4.5] points contains 0
+
+
+def test_verdicts_follow_the_interval_not_the_mean():
+    assert paired_difference([0.6, 0.61, 0.62], [0.5, 0.5, 0.5]).verdict == "better"
+    assert paired_difference([0.4, 0.41, 0.39], [0.5, 0.5, 0.5]).verdict == "worse"
+    # a large mean with a huge spread is still not distinguishable
+    assert paired_difference([0.9, 0.1, 0.9], [0.5, 0.5, 0.5]).verdict == NOT_DISTINGUISHABLE
+    one = paired_difference([0.6], [0.5])
+    assert one.verdict == ONE_SEED and one.low is None and one.mean == pytest.approx(0.1)
+
+
+def test_pairing_is_what_makes_the_difference():
+    # seeds move both arms together: unpaired the arms overlap, paired the gain is clear
+    ref = [0.30, 0.40, 0.50, 0.60]
+    arm = [r + 0.02 + e for r, e in zip(ref, (0.001, -0.001, 0.002, -0.002))]
+    assert paired_difference(arm, ref).verdict == "better"
+
+
+def test_input_errors_and_seed_planning():
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="no paired samples"):
+        paired_difference([], [])
+    n = seeds_for_half_width(0.02, 0.015)
+    assert t_quantile(0.95, n - 1) * 0.02 / math.sqrt(n) <= 0.015
+    assert t_quantile(0.95, n - 2) * 0.02 / math.sqrt(n - 1) > 0.015
+    assert seeds_for_half_width(1.0, 1e-4, max_seeds=10) is None
