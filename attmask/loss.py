@@ -56,8 +56,8 @@ class IBOTLoss(nn.Module):
                 (their (1, K') mean gives the same update).
         """
         epoch = min(epoch, len(self.teacher_temps) - 1)
-        cls_loss = self._cls_loss(student_cls, teacher_cls, self.teacher_temps[epoch])
-        losses = {"cls_loss": cls_loss}
+        cls_loss, flatness = self._cls_loss(student_cls, teacher_cls, self.teacher_temps[epoch])
+        losses = {"cls_loss": cls_loss, "teacher_flatness": flatness}
         total = self.lambda1 * cls_loss
         if self.patch_loss:
             patch_loss = self._patch_loss(student_patch, teacher_patch, masks,
@@ -75,7 +75,13 @@ class IBOTLoss(nn.Module):
         # sum_{v != q} CE(t_q, s_v) = -t_q . (sum_v log s_v - log s_q): one pass over the views
         all_views = torch.stack(log_s).sum(0)
         total = sum(-(t_q * (all_views - log_s[q])).sum(-1).mean() for q, t_q in enumerate(t))
-        return total / (self.num_global * (views - 1))
+        # Diagnostic: the teacher's entropy over log K. Near 1 the targets are uniform (DINO's
+        # "uniform collapse"): the loss is about log K and carries almost no signal.
+        with torch.no_grad():
+            probs = torch.cat(t)
+            flatness = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / np.log(
+                probs.shape[-1])
+        return total / (self.num_global * (views - 1)), flatness
 
     def _patch_loss(self, student_patch, teacher_patch, masks, temp) -> torch.Tensor:
         t = F.softmax((teacher_patch.float() - self.center2) / temp, dim=-1)

@@ -199,6 +199,19 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     return results
 
 
+def evaluation_run_name(checkpoint: str | Path) -> str:
+    """An evaluation's MLflow run is keyed by what it evaluates: the checkpoint's content, so
+    two models never share a run (whatever their folders are called) and re-evaluating the same
+    file updates its run."""
+    path = Path(checkpoint)
+    path = path / "state.pt" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"eval-{path.stem}-{digest.hexdigest()[:12]}"
+
+
 def _log_to_mlflow(cfg: Config, uri: str, run_id: Optional[str], checkpoint: str, out: Path,
                    results: dict, pictures: list[str]) -> str:
     from mlflow.entities import Metric
@@ -208,7 +221,7 @@ def _log_to_mlflow(cfg: Config, uri: str, run_id: Optional[str], checkpoint: str
     client = MlflowClient(tracking_uri=uri)
     created = run_id is None
     if created:
-        run_id = tracking.get_or_create_run(uri, cfg, f"eval-{Path(checkpoint).parent.name}",
+        run_id = tracking.get_or_create_run(uri, cfg, evaluation_run_name(checkpoint),
                                             storage_path(cfg), extra_tags={"kind": "evaluation"})
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in flat_metrics(results).items()]

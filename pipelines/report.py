@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from attmask.eval.stats import PairedDifference, paired_difference
+from attmask.eval.stats import PairedDifference, paired_difference, seeds_for_half_width
 
 FEWSHOT = ["1", "5", "10", "20"]
 
@@ -69,6 +69,7 @@ KNN = ("knn", "k20", "top1")
 LINEAR = ("linear", "top1")
 BG_GAP = ("robustness", "bg_gap")
 PAIRED_METRICS = [("k-NN top-1", KNN), ("linear top-1", LINEAR), ("BG-gap", BG_GAP)]
+RESOLUTION = 0.015  # the half-width a comparison aims for (points / 100)
 BASELINE_ROWS = [("init", "init (untrained, same seed)"), ("pixels", "pixels")]
 
 
@@ -148,14 +149,21 @@ def paired_table(rows: Rows, strategies: list[str], reference: str = "random") -
                 continue
             interval = ("—" if d.low is None else
                         f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
-            body.append([s, label, str(d.n), f"{100 * d.mean:+.1f}", interval, d.verdict])
+            needed = "—"
+            if d.std is not None:
+                n = seeds_for_half_width(d.std, RESOLUTION)
+                needed = str(n) if n is not None else "> 1000"
+            body.append([s, label, str(d.n), f"{100 * d.mean:+.1f}", interval, d.verdict, needed])
     if not body:
         return None
     return Table(f"Strategy vs {reference}, paired over seeds (points)",
-                 ["strategy", "metric", "seeds", "mean difference", "95 % interval", "verdict"],
+                 ["strategy", "metric", "seeds", "mean difference", "95 % interval", "verdict",
+                  f"seeds for ±{100 * RESOLUTION:.1f}"],
                  body, "Per seed both arms start from identical weights and see the same samples; "
                        "the interval is Student t on the per-seed differences (n - 1 degrees of "
-                       "freedom). An interval containing 0 is not distinguishable at this budget.")
+                       "freedom). An interval containing 0 is not distinguishable at this budget. "
+                       f"Last column: seeds that would narrow the interval to ±{100 * RESOLUTION:.1f}"
+                       " points at the spread observed here.")
 
 
 def takeaways(rows: Rows, strategies: list[str]) -> list[str]:

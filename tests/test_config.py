@@ -66,3 +66,10 @@ def test_config_round_trips_through_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path=path) == cfg
     assert cfg.flat()["masking.layer"] == -2
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 parses 6e-3 as a string; a user typing optim.lr=6e-3 means the number
+    assert load_config(overrides=["optim.lr=6e-3"]).optim.lr == 0.006
+    with pytest.raises(ConfigError, match="optim.lr='fast': expected a number"):
+        load_config(overrides=["optim.lr=fast"])

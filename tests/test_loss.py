@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,15 @@ def test_teacher_temperature_warmup_schedule():
     assert temps[29] == pytest.approx(0.07) and np.all(temps[30:] == 0.07)
     assert np.all(np.diff(temps[:30]) > 0)
     assert len(teacher_temperature(0.04, 0.07, 30, 10)) == 10  # shorter runs truncate
+
+
+def test_teacher_flatness_is_one_for_uniform_targets_and_small_for_peaked_ones():
+    loss = IBOTLoss(64, 64, epochs=1, warmup_teacher_temp_epochs=0, patch_loss=False)
+    student = torch.randn(8, 64)
+    same = loss(student, torch.zeros(4, 64), 0)  # every logit equal: uniform targets
+    assert same["teacher_flatness"].item() == pytest.approx(1.0, abs=1e-6)
+    assert same["cls_loss"].item() > math.log(64) - 1e-3  # CE against uniform >= log K
+    peaked = torch.full((4, 64), -10.0)
+    peaked[:, 0] = 10.0
+    fresh = IBOTLoss(64, 64, epochs=1, warmup_teacher_temp_epochs=0, patch_loss=False)
+    assert fresh(student, peaked, 0)["teacher_flatness"].item() < 0.01

@@ -19,9 +19,10 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
                       "tracking.log_images_every_epochs=0", "train.knn_every_epochs=0")
     trained = run_pretrain(cfg, log=lambda s: None)
     out = tmp_path / "eval"
+    logged = []
     results = run_evaluate(cfg, data=str(synthetic_dir), mlflow_run=trained.mlflow_run_id,
                            out_dir=str(out), options=EvalOptions(probe_epochs=5, shots=(1,)),
-                           log=lambda s: None)
+                           log=logged.append)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["mlflow_run_id"] == trained.mlflow_run_id
     assert set(on_disk) >= {"checkpoint", "data", "knn", "linear", "fewshot", "robustness",
@@ -33,10 +34,27 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     assert set(on_disk["attention"]) >= {"topk_on_object", "masked_on_object"}
     for value in flat_metrics(results).values():
         assert -1.0 <= value <= 1.0
+    run_names = {k for k in flat_metrics(results)}
+    assert "eval/init/knn_k20_top1" in run_names and "eval/pixels/knn_k20_top1" in run_names
     client = MlflowClient(tracking_uri=trained.tracking_uri)
     run = client.get_run(trained.mlflow_run_id)
     assert run.data.metrics["eval/knn_k20_top1"] == on_disk["knn"]["k20"]["top1"]
     assert "eval/bg_gap" in run.data.metrics and "eval/fewshot_1_mean" in run.data.metrics
+    # both reference points, with the same protocols, in results.json and in MLflow
+    base = on_disk["baselines"]
+    assert set(base) == {"init", "pixels"}
+    assert set(base["init"]) == {"knn", "linear", "fewshot", "robustness", "attention"}
+    assert "attention" not in base["pixels"] and "bg_gap" in base["pixels"]["robustness"]
+    assert run.data.metrics["eval/init/knn_k20_top1"] == base["init"]["knn"]["k20"]["top1"]
+    assert run.data.metrics["eval/pixels/linear_top1"] == base["pixels"]["linear"]["top1"]
+    assert not any("reusing" in line for line in logged)
+    # a second evaluation of the same seed and data reuses them instead of recomputing
+    again = run_evaluate(cfg, data=str(synthetic_dir), mlflow_run=trained.mlflow_run_id,
+                         out_dir=str(tmp_path / "eval2"), suite=["knn", "linear", "fewshot",
+                                                                 "robustness", "attention"],
+                         options=EvalOptions(probe_epochs=5, shots=(1,)), log=logged.append)
+    assert again["baselines"] == base
+    assert sum("reusing" in line for line in logged) == 2
     artifacts = {a.path for a in client.list_artifacts(trained.mlflow_run_id, "eval")}
     assert {"eval/results.json", "eval/confusion_matrix.png", "eval/attention_overlay.png",
             "eval/robustness.png"} <= artifacts
@@ -48,3 +66,16 @@ def test_evaluate_needs_exactly_one_checkpoint_source(synthetic_dir, tmp_path):
         run_evaluate(cfg, data=str(synthetic_dir), out_dir=str(tmp_path))
     with pytest.raises(UserError, match="--mlflow-run nope: cannot fetch"):
         run_evaluate(cfg, data=str(synthetic_dir), mlflow_run="nope", out_dir=str(tmp_path))
+
+
+def test_evaluation_runs_are_keyed_by_checkpoint_content(tmp_path):
+    from pipelines.evaluate import evaluation_run_name
+
+    a, b = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
+    for folder, content in ((a, b"model one"), (b, b"model two")):
+        folder.mkdir(parents=True)
+        (folder / "step_00000010.pt").write_bytes(content)
+    # same folder and file names, different models: different runs
+    assert evaluation_run_name(a / "step_00000010.pt") != evaluation_run_name(b / "step_00000010.pt")
+    (b / "step_00000010.pt").write_bytes(b"model one")
+    assert evaluation_run_name(a / "step_00000010.pt") == evaluation_run_name(b / "step_00000010.pt")

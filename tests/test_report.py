@@ -41,6 +41,8 @@ def test_paired_table_has_the_known_interval():
     assert knn[:4] == ["attmask_high", "k-NN top-1", "3", "+2.0"]
     assert knn[4] == f"[{2 - half:+.1f}, {2 + half:+.1f}]"
     assert knn[5] == "not distinguishable at this budget"
+    # spread 1 point per seed: n seeds with t(n-1) / sqrt(n) <= 1.5, i.e. 5 (2.776 / 2.236)
+    assert knn[6] == "5"
     linear = next(row for row in table.rows if row[1] == "linear top-1")
     assert linear[3] == "+0.0" and linear[4] == "[+0.0, +0.0]"
     better = paired_table(Rows.of(runs_with([0.05, 0.051, 0.049]), STRATEGIES), STRATEGIES)

@@ -22,6 +22,7 @@ class PairedDifference:
     mean: float
     low: Optional[float]  # None with fewer than 2 seeds
     high: Optional[float]
+    std: Optional[float] = None  # of the per-seed differences
 
     @property
     def half_width(self) -> Optional[float]:
@@ -57,7 +58,7 @@ def paired_difference(arm: Sequence[float], reference: Sequence[float],
     if len(diffs) < 2:
         return PairedDifference(1, mean, None, None)
     half = t_quantile(confidence, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return PairedDifference(len(diffs), mean, mean - half, mean + half)
+    return PairedDifference(len(diffs), mean, mean - half, mean + half, statistics.stdev(diffs))
 
 
 def seeds_for_half_width(diffs_std: float, target: float, confidence: float = 0.95,
