@@ -42,6 +42,7 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_layers: int = 3
+    head_bn: bool = False  # batch norm in the head's MLP (DINO/iBOT --use_bn_in_head)
     norm_last_layer: bool = False
 
     def validate(self, p: str) -> None:

@@ -80,7 +80,7 @@ def build_net(m: ModelConfig, drop_path: Optional[float] = None) -> MultiCropNet
     head = IBOTHead(backbone.embed_dim, m.out_dim, hidden_dim=m.head_hidden_dim,
                     bottleneck_dim=m.head_bottleneck_dim, num_layers=m.head_layers,
                     norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
-                    patch_out_dim=m.patch_out_dim)
+                    patch_out_dim=m.patch_out_dim, batch_norm=m.head_bn)
     return MultiCropNet(backbone, head)
 
 

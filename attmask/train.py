@@ -108,7 +108,8 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                 if rank == 0:
                     print_fn(f"epoch {epoch + 1}/{cfg.train.epochs} step {engine.step}/"
                              f"{engine.total_steps} loss {floats['loss']:.4f} masked "
-                             f"{floats['masked_fraction']:.3f} lr {floats['lr']:.2e} "
+                             f"{floats['masked_fraction']:.3f} teacher flatness "
+                             f"{floats['teacher_flatness']:.2f} lr {floats['lr']:.2e} "
                              f"{rate:.1f} img/s ETA {eta:.0f}s")
             if checkpoint_now:
                 hooks.checkpoint(engine, dict(floats, end_of_epoch=end_of_epoch))

@@ -148,6 +148,7 @@ def train_worker(loop_config: dict) -> dict:
     """One Ray Train worker: the library loop with checkpoints through ``ray.train.report``."""
     import ray.train
     import ray.train.torch
+    import torch
     from ray.train.v2._internal.execution import context as train_context
 
     from attmask.data.stream import EvalStream, make_loader, steps_per_epoch
@@ -164,8 +165,11 @@ def train_worker(loop_config: dict) -> dict:
     dataset = open_dataset(cfg)
     device = ray.train.torch.get_device()
     unused = cfg.loss.framework == "dino" and not cfg.model.shared_head
+    # With model.head_bn on GPUs, the student's head normalises over the global batch (DINO);
+    # gloo has no SyncBatchNorm, so on CPUs each rank uses its own batch statistics.
+    sync_bn = cfg.model.head_bn and device.type == "cuda"
     wrap = (lambda m: ray.train.torch.prepare_model(
-        m, move_to_device=False,
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) if sync_bn else m, move_to_device=False,
         parallel_strategy_kwargs={"find_unused_parameters": unused})) if world > 1 else None
     engine = Engine(cfg, steps_per_epoch(dataset, cfg, world), device=device, world_size=world,
                     rank=rank, wrap_student=wrap)

@@ -158,3 +158,20 @@ def test_dino_framework_and_unshared_head_and_center_sampling():
     sampled = Engine(tiny_config("loss.patch_center_sample=0.25"), steps_per_epoch=2)
     sampled.train_step(*batch())
     assert sampled.loss.center2.abs().sum() > 0
+
+
+def test_head_batch_norm_trains_and_resumes_exactly(tmp_path):
+    cfg = tiny_config("model.head_bn=true")
+    straight = Engine(cfg, steps_per_epoch=4)
+    for _ in range(2):
+        straight.train_step(*batch())
+    path = straight.save(tmp_path / "s.pt")
+    for _ in range(2):
+        straight.train_step(*batch())
+    resumed = Engine(cfg, steps_per_epoch=4)
+    resumed.load(path)
+    for _ in range(2):
+        resumed.train_step(*batch())
+    for (name, a), b in zip(straight.teacher.state_dict().items(),
+                            resumed.teacher.state_dict().values()):
+        assert torch.equal(a, b), name  # BN running statistics included

@@ -130,3 +130,17 @@ def test_student_projects_only_masked_patches_and_local_cls():
     assert cls.shape == (10, 50)  # 4 global + 6 local [CLS] tokens
     assert patch.shape == (13, 50)  # only the 13 masked patches
     assert calls == [10 + 13]  # one MLP pass, no local or unmasked patch tokens
+
+
+def test_head_batch_norm_spreads_nearly_identical_inputs():
+    # A collapsing backbone hands the head almost the same vector for every image; with batch
+    # norm (DINO's --use_bn_in_head) the bottleneck still tells the images apart.
+    torch.manual_seed(0)
+    x = torch.randn(1, 192) + 1e-3 * torch.randn(32, 192)
+    spread = {}
+    for bn in (False, True):
+        head = IBOTHead(192, 64, hidden_dim=128, bottleneck_dim=32, batch_norm=bn)
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == bn
+        z = head.project(x)
+        spread[bn] = (z @ z.T).mean().item()  # mean cosine between the images
+    assert spread[False] > 0.999 and spread[True] < 0.5

@@ -24,7 +24,8 @@ class WeightNormLinear(nn.Module):
 
 
 class IBOTHead(nn.Module):
-    """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised last layer.
+    """MLP (GELU, optionally batch-normalised) -> L2-normalised bottleneck -> weight-normalised
+    last layer.
 
     With ``shared_head`` (the AttMask/iBOT README setting) [CLS] and patch tokens use the same
     last layer; otherwise patches get their own ``patch_out_dim`` layer. Student and teacher are
@@ -34,13 +35,18 @@ class IBOTHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int = 8192, *, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = True,
-                 shared_head: bool = True, patch_out_dim: int = 8192) -> None:
+                 shared_head: bool = True, patch_out_dim: int = 8192,
+                 batch_norm: bool = False) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < num_layers - 1:
+                # DINO/iBOT's --use_bn_in_head: batch statistics keep the hidden features from
+                # all becoming the same vector, the collapse small batches fall into first.
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(b))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_linear)

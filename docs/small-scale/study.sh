@@ -15,13 +15,31 @@ COMMON="data.path=data/cifar10 train.output_dir=$OUT train.steps_per_epoch=80 tr
   optim.freeze_last_layer=0 data.num_workers=1"
 
 # Each trial changes a few keys of the tiny-cpu preset (see docs/small-scale.md for why).
+# Each trial changes a few keys of the tiny-cpu preset (see docs/small-scale.md for why).
 declare -A TRIALS=(
   [A-tinycpu]=""
   [B-ibot-lr1.5e-3]="optim.lr=6e-3 model.drop_path=0 model.out_dim=1024"
-  [E-ibot-lr1.5e-3-temp0.04]="optim.lr=6e-3 model.drop_path=0 model.out_dim=1024
-    loss.teacher_temp=0.04 loss.teacher_patch_temp=0.04"
+  [F-sharp0.02-K256]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02"
+  # longer and cheaper per step: 4 blocks, 2 local crops, 1,200 steps (200-step "epochs")
+  [H-depth4-2loc-1200steps]="optim.lr=6e-3 model.drop_path=0 model.out_dim=1024 model.depth=4
+    data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp_epochs=3 optim.warmup_epochs=0.5"
+  # H's cheaper, longer run with F's sharp teacher (H's targets went uniform)
+  [I-depth4-2loc-sharp0.02-K256-1200steps]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+
+  # I plus batch norm in the head (DINO/iBOT --use_bn_in_head), against the collapse
+  [J-I+headbn]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256 model.head_bn=true
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
 )
-ORDER=(A-tinycpu B-ibot-lr1.5e-3 E-ibot-lr1.5e-3-temp0.04)
+ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
+       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   rm -rf "${OUT:?}/$name"
