@@ -241,7 +241,9 @@ class Report:
     figures: list[tuple[str, str, bytes]]  # (file name, caption, png)
 
     def markdown(self) -> str:
-        lines = [f"# {self.title}", "", *self.intro, ""]
+        lines = [f"# {self.title}", ""]
+        for paragraph in self.intro:
+            lines += [paragraph, ""]
         for t in self.tables:
             lines += [f"## {t.title}", "", "| " + " | ".join(t.columns) + " |",
                       "|" + "|".join("---" for _ in t.columns) + "|"]

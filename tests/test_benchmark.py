@@ -96,12 +96,13 @@ def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
     assert "SMOKE SCALE" in md and "| random |" in md and "BG-gap" in md
     # baselines lead every accuracy table; the paired table answers with one seed honestly
     for table in md.split("\n## ")[1:]:
-        if table.startswith(("k-NN", "Linear probe", "Few-shot", "Background")):
+        if table.startswith(("k-NN", "Linear probe", "Few-shot", "Background")) and \
+                "| model |" in table:  # (a figure's caption can start the same way)
             rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
             assert rows[0].startswith("| init (untrained, same seed) |"), table
             assert rows[1].startswith("| pixels |"), table
     assert "## Strategy vs random, paired over seeds" in md and "one seed: no interval" in md
-    assert md.splitlines()[2].startswith("Learning: k-NN top-1 gain over the untrained network")
+    assert md.split("\n\n")[1].startswith("Learning: k-NN top-1 gain over the untrained network")
     runs = {r.strategy: r.results for r in result.runs}
     assert runs["random"]["baselines"] == runs["attmask_high"]["baselines"]  # once per seed
     for line in md.splitlines():

@@ -22,7 +22,10 @@ def test_pretrain_local_writes_outputs_and_timm_loadable_teacher(synthetic_dir, 
     run = summary.run_dir
     assert (run / "config.yaml").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert [x["step"] for x in lines] == list(range(0, 7))
+    # the untrained network's k-NN at step 0, then at each epoch end, never repeated in between
+    assert [x["step"] for x in lines if "knn_top1" in x] == [0, 3, 6]
+    assert lines[0]["train_s"] == 0.0 and lines[-1]["train_s"] > 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000003.pt", "step_00000006.pt"]
     weights = load_file(run / "teacher_backbone.safetensors")
@@ -44,7 +47,7 @@ def test_same_run_name_resumes_from_latest_checkpoint(synthetic_dir, tmp_path):
     assert second.resumed_from == 4 and second.steps == 6
     assert any("resuming resume-me from step 4" in m for m in messages)
     steps = [json.loads(x)["step"] for x in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))  # one continuous history, no step repeated
+    assert steps == list(range(0, 7))  # one continuous history, no step repeated
     with pytest.raises(ConfigError, match="different config"):
         pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=resume-me",
                                "train.checkpoint_every_steps=2", "train.checkpoint_keep=5",
