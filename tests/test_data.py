@@ -103,6 +103,34 @@ def test_prepare_rewrites_when_arguments_change(tmp_path):
     assert written and manifest["splits"]["train"]["num_samples"] == 30
 
 
+def test_failed_prepare_leaves_the_existing_dataset_loadable(tmp_path):
+    out = tmp_path / "out"
+    prepare_data(PrepareArgs(source="synthetic", out=str(out), num_samples=20, num_test_samples=4))
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(src / "train.npz", images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+             labels=np.array([0, 1, 2, 0, 1, 2]))
+    np.savez(src / "test.npz", images=rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8),
+             labels=np.array([0, 1, -1]))  # a bad label, found while writing the test split
+    with pytest.raises(DataError, match="label -1"):
+        prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost or added
+    assert not list(tmp_path.glob(".out.partial-*"))  # no staging leftovers
+    dataset = load_dataset(out)
+    dataset.check_shards("train", verify=True)
+    assert dataset.num_samples("train") == 20
+    # a successful rewrite replaces the shards but keeps the user's other files
+    np.savez(src / "test.npz", images=rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8),
+             labels=np.array([0, 1, 2]))
+    manifest, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out)))
+    assert load_dataset(out).num_samples("train") == 6 and (out / "notes.txt").is_file()
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(
+        s["file"] for sp in manifest["splits"].values() for s in sp["shards"])
+
+
 def write_npz(folder: Path, name: str, n: int, size: int = 8, classes: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
     np.savez(folder / name, images=rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),

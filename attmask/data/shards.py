@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import urllib.request
 from dataclasses import dataclass
@@ -57,15 +58,29 @@ def existing_manifest(out: str | Path, source: str, args: dict[str, Any]) -> Opt
 
 def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[str, Any],
                  shard_size: Optional[int] = None) -> dict:
-    """Write every split of ``spec`` to ``out`` and then the manifest; returns the manifest."""
+    """Write every split of ``spec`` and then the manifest; returns the manifest.
+
+    Everything is written into a staging directory beside ``out`` and swapped in only once the
+    whole dataset is complete, so a failure (a bad label, a full disk, an interrupt) leaves the
+    dataset that was in ``out`` before untouched and loadable.
+    """
     out = Path(out)
-    existing = out / MANIFEST
-    existing.unlink(missing_ok=True)  # it must not describe half-written shards
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _write_all(spec, staging, source, args, shard_size)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_all(spec: SourceSpec, out: Path, source: str, args: dict[str, Any],
+               shard_size: Optional[int]) -> dict:
     splits, has_fg = {}, False
     for split, (count, samples) in spec.splits.items():
-        for stale in out.glob(f"{split}-*.tar"):
-            stale.unlink()
         size = shard_size or default_shard_size(count)
         shards, total, split_fg = _write_split(out, split, samples, size, len(spec.classes))
         has_fg |= split_fg
@@ -74,10 +89,20 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
         splits[split] = {"num_samples": total, "shards": shards}
     manifest = {"format": FORMAT, "source": source, "args": args, "classes": spec.classes,
                 "image_size": spec.image_size, "has_fg": has_fg, "splits": splits}
-    tmp = existing.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, existing)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out``'s dataset files (shards and manifest) by the staged ones. Other files a
+    user keeps in ``out`` stay. The manifest goes last, so it never describes missing shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for old in out.glob("*-??????.tar"):  # shard names only: other files in out stay
+        old.unlink()
+    for new in sorted(staging.glob("*.tar")):
+        os.replace(new, out / new.name)
+    os.replace(staging / MANIFEST, out / MANIFEST)
 
 
 def _write_split(out: Path, split: str, samples, shard_size: int, num_classes: int):

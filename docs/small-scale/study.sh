@@ -45,9 +45,15 @@ declare -A TRIALS=(
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
     data.global_crops_scale=[0.5,1.0] data.local_crops_scale=[0.25,0.5]"
 
+
+  # I at the default peak LR (5e-4 at batch 64): B reached uniform targets soonest at 1.5e-3
+  [M-I-lr5e-4]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
-       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops)
+       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   rm -rf "${OUT:?}/$name"
