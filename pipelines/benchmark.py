@@ -306,9 +306,11 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Re
     ]
     if spec.smoke:
         intro.append("SMOKE SCALE: this run demonstrates that every stage of the pipeline works "
-                     "end to end on a small CPU. At this budget the features barely move from "
-                     "their random initialisation, so differences between strategies are noise; "
-                     "use the cifar10 or paper-20pct-in1k presets to compare strategies.")
+                     "end to end on a small CPU and how a comparison is read. At this budget the "
+                     "features do not leave their random initialisation (compare each row with "
+                     "the init row), so differences between strategies are noise; "
+                     "docs/small-scale.md has the CPU recipe study, and the cifar10-cpu or "
+                     "paper-20pct-in1k presets compare strategies.")
     if len(runs) < len(spec.configs):
         intro.append(f"IN PROGRESS: {len(runs)} of {len(spec.configs)} runs finished; running "
                      "the same command again continues from the finished runs and the latest "

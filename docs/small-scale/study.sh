@@ -3,7 +3,8 @@
 # each a complete run (its own warm-up and cosine decay), with the teacher's online k-NN
 # (k = 20, 5,000-image bank, 2,000 test images) at step 0 and after every 80-step "epoch".
 # Usage: bash docs/small-scale/study.sh [TRIAL ...]   (no argument: every trial below)
-# A finished trial (its teacher_backbone.safetensors exists) is skipped, so rerunning continues.
+# A finished trial (its teacher_backbone.safetensors exists) is skipped and an interrupted one
+# resumes from its latest checkpoint (its train_s time axis then restarts at the resume).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${STUDY_DIR:-runs/study}
@@ -14,8 +15,8 @@ COMMON="data.path=data/cifar10 train.output_dir=$OUT train.steps_per_epoch=80 tr
   train.log_every_steps=20 optim.warmup_epochs=0.5 loss.warmup_teacher_temp_epochs=1
   optim.freeze_last_layer=0 data.num_workers=1"
 
-# Each trial changes a few keys of the tiny-cpu preset (see docs/small-scale.md for why).
-# Each trial changes a few keys of the tiny-cpu preset (see docs/small-scale.md for why).
+# Each trial changes a few keys of study-base.yaml, the tiny-cpu preset from before the study
+# (trial M is the tiny-cpu preset of today; see docs/small-scale.md for why).
 declare -A TRIALS=(
   [A-tinycpu]=""
   [B-ibot-lr1.5e-3]="optim.lr=6e-3 model.drop_path=0 model.out_dim=1024"
@@ -56,9 +57,8 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
-  rm -rf "${OUT:?}/$name"
   echo "$name: ${TRIALS[$name]}"
   # shellcheck disable=SC2086
-  python run_pipeline.py pretrain-local --preset tiny-cpu $COMMON train.run_name=$name \
-    ${TRIALS[$name]} > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; }
+  python run_pipeline.py pretrain-local --config docs/small-scale/study-base.yaml $COMMON train.run_name=$name \
+    ${TRIALS[$name]} >> "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; }
 done
