@@ -1,8 +1,9 @@
 """Plot the recipe study: online k-NN of the teacher against CPU-minutes of training, one line
 per trial, the untrained network's score (step 0) as a horizontal line.
 
-Usage: python docs/small-scale/plot.py [STUDY_DIR] [OUT_PNG]
-       (defaults: runs/study, docs/small-scale/knn_vs_cpu_minutes.png)
+Usage: python docs/small-scale/plot.py [CURVES] [OUT_PNG]
+       CURVES: a study directory (runs/study: <trial>/metrics.jsonl) or a folder of
+       <trial>.jsonl copies (default: docs/small-scale/curves, the committed curves)
 Prints a table (trial, steps, CPU-minutes, init, best and last k-NN) for docs/small-scale.md.
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ from attmask.viz import line_chart_png
 def curves(study: Path) -> dict[str, list[tuple[float, float]]]:
     """trial -> [(training minutes, k-NN top-1 %)], from each run's metrics.jsonl."""
     out = {}
-    for metrics in sorted(study.glob("*/metrics.jsonl")):
+    files = sorted(study.glob("*/metrics.jsonl")) or sorted(study.glob("*.jsonl"))
+    for metrics in files:
+        name = metrics.parent.name if metrics.name == "metrics.jsonl" else metrics.stem
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         points = [(r.get("train_s", 0.0) / 60, 100 * r["knn_top1"]) for r in rows
                   if "knn_top1" in r]
@@ -25,12 +28,12 @@ def curves(study: Path) -> dict[str, list[tuple[float, float]]]:
         points = [p for i, p in enumerate(points)
                   if i in (0, len(points) - 1) or p[1] != points[i - 1][1]]
         if points:
-            out[metrics.parent.name] = points
+            out[name] = points
     return out
 
 
 def main() -> None:
-    study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    study = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/small-scale/curves")
     png = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/small-scale/knn_vs_cpu_minutes.png")
     series = curves(study)
     inits = sorted({round(pts[0][1], 1) for pts in series.values() if pts[0][0] == 0})

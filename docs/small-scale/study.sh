@@ -52,9 +52,17 @@ declare -A TRIALS=(
     model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+
+  # M with a teacher that keeps following the student late in a short run
+  [N-M-momentum0.98]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    optim.momentum_teacher=0.98"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
-       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4)
+       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4
+       N-M-momentum0.98)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
