@@ -140,6 +140,7 @@ class Evaluator:
         self.transform = EvalTransform(self.cfg.model.image_size)
         self.cache_dir = Path(cache_dir)
         self.num_classes = len(self.dataset.classes)
+        self._train_mean: dict[int, torch.Tensor] = {}  # for models that centre their features
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, data: str | Path, *,
@@ -189,7 +190,9 @@ class Evaluator:
         dim = cached.features.shape[1] // most
         features = cached.features[:, -blocks * dim:]
         if getattr(self.model, "center", False):
-            features = features - self._extract("train", most).features[:, -blocks * dim:].mean(0)
+            if most not in self._train_mean:  # once, not a reload of the train cache per call
+                self._train_mean[most] = self._extract("train", most).features.mean(0)
+            features = features - self._train_mean[most][-blocks * dim:]
         return Features(features, cached.labels, cached.keys)
 
     def _extract(self, split: str, blocks: int) -> Features:
