@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:  # the main job: the default benchmark
         args = parser.parse_args(["benchmark", *(["--debug"] if args.debug else [])])
-    from attmask.errors import UserError
+    from attmask.errors import Interrupted, UserError
 
     try:
         return args.func(args)
@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if args.debug:
+            raise
+        print(f"{exc}" if isinstance(exc, Interrupted) else "interrupted", file=sys.stderr)
+        return 130
 
 
 def one_line(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ hot path except the boolean gather of masked tokens; metrics stay tensors until 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -151,7 +152,8 @@ class Engine:
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, *args)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, *args)
 
-        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.rank = rank
+        self.generator = torch.Generator(self.device)
         self._teacher_params = list(self.teacher.parameters())
         self._student_params = list(self.student.parameters())
         self._last_layer = [p for n, p in self.student.named_parameters() if "last_layer" in n]
@@ -182,6 +184,11 @@ class Engine:
             local_crops: (L, B, 3, s, s) or None.
         """
         it, cfg, epoch = self.step, self.cfg, self.epoch
+        # A step's randomness (masks, drop path) depends on (seed, rank, step) alone, so a run
+        # resumed from any checkpoint, on any rank, draws exactly what an uninterrupted run draws.
+        seed = step_seed(cfg.train.seed, self.rank, it)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
         lr, wd, momentum = (float(s[it]) for s in
                             (self.lr_schedule, self.wd_schedule, self.momentum_schedule))
         self.optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
@@ -258,13 +265,10 @@ class Engine:
     # State
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "loss": self.loss.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "rng": rng, "config": self.cfg.to_yaml()}
+                "config": self.cfg.to_yaml()}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -273,10 +277,6 @@ class Engine:
         self.loss.load_state_dict(state["loss"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["generator"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, path: str | Path, extra: Optional[dict] = None) -> Path:
         """Write the full state atomically (a crash mid-write never leaves a torn checkpoint)."""
@@ -296,6 +296,12 @@ class Engine:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint without running pickled code."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one (run seed, rank, step); distinct tuples give unrelated seeds."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @torch.no_grad()

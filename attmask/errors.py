@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A missing, corrupt or unsuitable dataset, manifest or shard."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C); the message says where rerunning resumes."""

@@ -17,7 +17,7 @@ from attmask.config import Config
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import steps_per_epoch, train_batches
 from attmask.engine import Engine, check_finite, load_checkpoint
-from attmask.errors import ConfigError, DataError
+from attmask.errors import ConfigError, DataError, Interrupted
 from attmask.monitor import OnlineKnn
 
 CHECKPOINT_GLOB = "step_*.pt"
@@ -144,9 +144,24 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.masking.strategy}-{stamp}"
 
 
-def latest_checkpoint(directory: Path) -> Optional[Path]:
+def latest_intact_checkpoint(directory: Path, device: torch.device,
+                             log: Callable[[str], None] = print) -> Optional[dict]:
+    """The newest checkpoint of ``directory`` that loads; unreadable ones (a torn copy, a full
+    disk) are named and passed over, and ``.tmp`` leftovers of a write that was killed removed."""
+    for leftover in directory.glob(CHECKPOINT_GLOB + ".tmp"):
+        leftover.unlink()
+    for path in sorted(directory.glob(CHECKPOINT_GLOB), reverse=True):
+        try:
+            return load_checkpoint(path, device)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to an older one
+            log(f"skipping unreadable checkpoint {path} ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})")
+    return None
+
+
+def latest_step(directory: Path) -> Optional[int]:
     found = sorted(directory.glob(CHECKPOINT_GLOB))
-    return found[-1] if found else None
+    return int(found[-1].stem.removeprefix("step_")) if found else None
 
 
 def export_teacher(engine: Engine, path: Path) -> Path:
@@ -168,8 +183,7 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
     ckpt_dir = run_dir / "checkpoints"
     resumed_from = None
-    if (latest := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(latest, engine.device)
+    if (state := latest_intact_checkpoint(ckpt_dir, engine.device, log)) is not None:
         if state["config"] != cfg.to_yaml():
             raise ConfigError(f"run {run_dir} was started with a different config; use a new "
                               "train.run_name or the original settings")
@@ -192,8 +206,15 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
             f.writelines(json.dumps(m) + "\n" for m in pending)
         pending.clear()
 
-    result = run_loop(engine, dataset, cfg, Hooks(checkpoint=checkpoint, log=pending.append),
-                      max_steps=max_steps, print_fn=log)
+    try:
+        result = run_loop(engine, dataset, cfg, Hooks(checkpoint=checkpoint, log=pending.append),
+                          max_steps=max_steps, print_fn=log)
+    except KeyboardInterrupt:
+        last = latest_step(ckpt_dir)
+        raise Interrupted(f"interrupted at step {engine.step}; the same command resumes {run_dir}"
+                          f" from step {last} (its last checkpoint)" if last is not None else
+                          f"interrupted at step {engine.step} before the first checkpoint; the "
+                          "same command starts the run again") from None
     if result.skipped_samples:
         log(f"skipped {result.skipped_samples} corrupt samples")
     export_teacher(engine, run_dir / "teacher_backbone.safetensors")

@@ -16,10 +16,11 @@ from PIL import Image
 
 from attmask.data.prepare import PrepareArgs, prepare_data
 from attmask.data.shards import MANIFEST, load_dataset, png_bytes, sha256_file
-from attmask.data.stream import EvalStream, TrainStream, make_loader
+from attmask.data.stream import EvalStream, TrainStream, make_loader, train_batches
 from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
 from attmask.data.transforms import EvalTransform, MultiCropTransform
 from attmask.errors import DataError
+from conftest import tiny_config
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -255,6 +256,25 @@ def test_train_batches_have_the_engine_layout(synthetic_dir):
     assert batch["global"].shape == (2, 5, 3, 32, 32) and batch["global"].dtype == torch.float32
     assert batch["local"].shape == (3, 5, 3, 16, 16)
     assert batch["label"].shape == (5,) and batch["skipped"] == 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_epoch_replays_the_same_batches(synthetic_dir, workers):
+    """Batch n of an epoch does not depend on skipping (resume) or on the trainer's RNG use."""
+    cfg = tiny_config(f"data.path={synthetic_dir}", f"data.num_workers={workers}")
+    ds = load_dataset(synthetic_dir)
+    straight = []
+    for b in train_batches(ds, cfg, epoch=1, steps=5):
+        straight.append(b)
+        torch.rand(100)  # a training step draws from the global RNG between batches
+    torch.manual_seed(1234)  # a fresh process has some other global state
+    resumed = list(train_batches(ds, cfg, epoch=1, steps=5, skip=3))
+    assert len(resumed) == 2
+    for a, b in zip(straight[3:], resumed):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
+    other_epoch = next(iter(train_batches(ds, cfg, epoch=2, steps=1)))
+    assert not torch.equal(other_epoch["global"], straight[0]["global"])
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

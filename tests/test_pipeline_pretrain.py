@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from attmask.engine import NonFiniteLossError, load_checkpoint
@@ -48,18 +49,29 @@ def test_two_workers_with_mlflow_readback(ray_local, synthetic_dir, tmp_path):
     assert state["step"] == 6 and state["data_position"] == {"epoch": 2, "batch_in_epoch": 0}
 
 
-def test_killed_worker_resumes_and_completes(ray_local, synthetic_dir, tmp_path):
-    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "ray.max_failures=1",
-                  "train.epochs=3", "train.checkpoint_every_steps=2",
-                  "train.inject_fault_at_step=5", "train.inject_fault_rank=1",
-                  "train.run_name=crash", "tracking.log_images_every_epochs=0")
+def test_killed_worker_resumes_exactly_and_completes(ray_local, synthetic_dir, tmp_path):
+    """Rank 1 dies at step 5; the group restarts from the step-4 checkpoint (mid-epoch) and ends
+    with the losses and weights of a run that was never interrupted."""
+    common = ("ray.num_workers=2", "ray.max_failures=1", "train.epochs=3",
+              "train.checkpoint_every_steps=2", "tracking.log_images_every_epochs=0",
+              "model.drop_path=0.1")
+    straight = run_pretrain(ray_cfg(synthetic_dir, tmp_path, *common, "train.run_name=straight"),
+                            log=lambda s: None)
+    cfg = ray_cfg(synthetic_dir, tmp_path, *common, "train.inject_fault_at_step=5",
+                  "train.inject_fault_rank=1", "train.run_name=crash")
     result = run_pretrain(cfg, log=lambda s: None)
     assert result.steps == 9
     assert (tmp_path / "ray" / "crash.fault").read_text().startswith("fault injected at step 5")
-    steps = [m.step for m in MlflowClient(tracking_uri=result.tracking_uri).get_metric_history(
-        result.mlflow_run_id, "loss")]
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    history = client.get_metric_history(result.mlflow_run_id, "loss")
+    steps = [m.step for m in history]
     assert sorted(set(steps)) == list(range(1, 10))  # one continuous history in one run
     assert steps == sorted(steps)  # replayed steps come after the checkpoint they resume from
+    expected = {m.step: m.value for m in client.get_metric_history(straight.mlflow_run_id, "loss")}
+    assert {m.step: m.value for m in history} == expected
+    a, b = (load_checkpoint(os.path.join(r.checkpoint_path, "state.pt"))["teacher"]
+            for r in (straight, result))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rerun_with_same_name_resumes_the_same_mlflow_run(ray_local, synthetic_dir, tmp_path):

@@ -1,4 +1,8 @@
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import timm
@@ -8,7 +12,7 @@ from safetensors.torch import load_file
 from attmask.engine import NonFiniteLossError, StepMetrics, load_checkpoint
 from attmask.errors import ConfigError, DataError
 from attmask.train import pretrain_local
-from conftest import tiny_config
+from conftest import ROOT, tiny_config, tiny_yaml
 
 
 def cfg_for(data, tmp_path, *extra):
@@ -78,3 +82,74 @@ def test_data_problems_are_found_before_training(synthetic_dir, tmp_path):
 def test_step_metrics_convert_lazily():
     m = StepMetrics({"loss": torch.tensor(2.0)}, {"lr": 0.1})
     assert m.as_floats() == {"loss": 2.0, "lr": 0.1}
+
+
+RESUME = ["train.steps_per_epoch=5", "train.checkpoint_every_steps=2", "train.checkpoint_keep=20",
+          "model.drop_path=0.1", "masking.strategy=attmask_hint"]
+
+
+def step_values(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: (x.get("loss"), x.get("masked_fraction"), x.get("knn_top1")) for x in lines}
+
+
+def start_cli(config, *extra):
+    return subprocess.Popen([sys.executable, "run_pipeline.py", "pretrain-local", "--config",
+                             str(config), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+
+
+def test_killed_run_resumes_exactly_where_it_stopped(synthetic_dir, tmp_path):
+    """SIGKILL mid-epoch, rerun: every later step and the final weights match a straight run."""
+    straight = pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=straight", *RESUME),
+                              log=lambda s: None)
+    config = tiny_yaml(tmp_path / "run.yaml", f"data.path={synthetic_dir}",
+                       f"train.output_dir={tmp_path}", "train.run_name=killed",
+                       "data.local_crops_number=1", *RESUME)
+    proc = start_cli(config)
+    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000002.pt", proc)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    (tmp_path / "killed" / "checkpoints" / "step_00000004.pt.tmp").write_bytes(b"torn")
+    resumed = pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=killed", *RESUME),
+                             log=lambda s: None)
+    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 10
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.tmp"))
+    assert step_values(resumed.run_dir) == step_values(straight.run_dir)  # steps 0..10, exactly
+    a = load_file(straight.run_dir / "teacher_backbone.safetensors")
+    b = load_file(resumed.run_dir / "teacher_backbone.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_latest_checkpoint_is_named_and_an_older_one_used(synthetic_dir, tmp_path):
+    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=torn", *RESUME)
+    pretrain_local(cfg, log=lambda s: None, max_steps=4)
+    ckpts = tmp_path / "torn" / "checkpoints"
+    latest = ckpts / "step_00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated, e.g. a disk that filled up
+    messages = []
+    summary = pretrain_local(cfg, log=messages.append)
+    assert summary.resumed_from == 2 and summary.steps == 10
+    assert any(f"skipping unreadable checkpoint {latest}" in m for m in messages)
+
+
+def test_interrupt_prints_one_line_saying_where_it_resumes(synthetic_dir, tmp_path):
+    config = tiny_yaml(tmp_path / "run.yaml", f"data.path={synthetic_dir}",
+                       f"train.output_dir={tmp_path}", "train.run_name=stopped",
+                       "data.local_crops_number=1", "train.epochs=200", *RESUME)
+    proc = start_cli(config)
+    wait_for(tmp_path / "stopped" / "checkpoints" / "step_00000002.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("interrupted at step ") and "resumes" in lines[0]
+    assert str(tmp_path / "stopped") in lines[0]

@@ -160,8 +160,10 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         reader, readers = reader_identity(self.rank, self.world_size)
         rng = random.Random(f"{self.seed}/{self.epoch}/{reader}")
-        if get_worker_info() is not None:  # in-process, the global RNG is the trainer's own
-            torch.manual_seed(rng.getrandbits(63))  # crop randomness per reader and epoch
+        # Crops draw from a private state per (seed, epoch, reader), never from the global RNG
+        # the training step also uses: the n-th batch of an epoch is then the same whether the
+        # epoch runs straight through or is resumed mid-way (the skipped batches are replayed).
+        crop_state = torch.Generator().manual_seed(rng.getrandbits(63)).get_state()
         decoder = Decoder(self.num_classes, self.min_size, self.max_corrupt_fraction)
 
         # One shard assignment per epoch (same shuffle on every reader, so it is disjoint);
@@ -178,7 +180,11 @@ class TrainStream(IterableDataset):
 
         batch, last_skipped, last_seen = [], 0, 0
         for s in _shuffle(samples(), max(1, self.shuffle_buffer), rng):
-            batch.append((self.transform(s.image), s.label, s.key))
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(crop_state)
+                views = self.transform(s.image)
+                crop_state = torch.get_rng_state()
+            batch.append((views, s.label, s.key))
             if len(batch) == self.batch_size:
                 yield {"global": _stack_views([b[0][0] for b in batch]),
                        "local": _stack_views([b[0][1] for b in batch]),
@@ -227,8 +233,12 @@ class EvalStream(IterableDataset):
 
 
 def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
+    # The loader draws its workers' base seed from ``generator``; by default it would take it
+    # from the global RNG, so starting a loader (a new epoch, a resume, a monitor) would shift
+    # the training step's randomness.
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))
 
 
 def train_batches(dataset: Dataset, cfg: Config, *, epoch: int, steps: int, rank: int = 0,
