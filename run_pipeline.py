@@ -80,7 +80,8 @@ def cmd_evaluate(args) -> int:
     results = run_evaluate(cfg, data=args.data, checkpoint=args.checkpoint,
                            mlflow_run=args.mlflow_run, suite=suite,
                            robustness_set=args.robustness_set, out_dir=args.out,
-                           options=options, address=args.address, baselines=baselines)
+                           options=options, address=args.address, baselines=baselines,
+                           architecture=cfg if args.preset or args.config else None)
     print(f"done: results in {Path(args.out) / 'results.json'}; MLflow run "
           f"{results['mlflow_run_id']}")
     return 0

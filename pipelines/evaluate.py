@@ -77,7 +77,10 @@ def _evaluator(args: dict) -> Evaluator:
     if args.get("baseline"):
         cfg = from_dict(yaml.safe_load(args["config"])).validate()
         return Evaluator.for_baseline(args["baseline"], cfg, args["data"], **common)
-    return Evaluator.from_checkpoint(args["checkpoint"], args["data"], **common)
+    architecture = (from_dict(yaml.safe_load(args["architecture"])).validate()
+                    if args.get("architecture") else None)
+    return Evaluator.from_checkpoint(args["checkpoint"], args["data"], config=architecture,
+                                     **common)
 
 
 def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], None],
@@ -149,8 +152,10 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
                  robustness_set: Optional[str] = None, out_dir: str = "eval",
                  options: Optional[EvalOptions] = None, address: Optional[str] = None,
                  log: Callable[[str], None] = print,
-                 baselines: tuple[str, ...] = BASELINES) -> dict:
-    """Evaluate one checkpoint; returns the ``results.json`` content."""
+                 baselines: tuple[str, ...] = BASELINES,
+                 architecture: Optional[Config] = None) -> dict:
+    """Evaluate one checkpoint; returns the ``results.json`` content. ``architecture`` is the
+    model config of a ``.safetensors`` backbone (a full checkpoint carries its own)."""
     import ray
 
     from attmask.viz import bar_chart_png
@@ -170,13 +175,15 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     for kind in baselines:
         if kind not in BASELINES:
             raise UserError(f"--baselines {kind}: allowed values are {', '.join(BASELINES)}")
-    probe = Evaluator.from_checkpoint(checkpoint, data, cache_dir=out / "features",
-                                      options=options, robustness_set=robustness_set)
+    probe = Evaluator.from_checkpoint(checkpoint, data, config=architecture,
+                                      cache_dir=out / "features", options=options,
+                                      robustness_set=robustness_set)
     model_cfg = probe.cfg  # the checkpoint's own config: its architecture and seed
     del probe
     args = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(data),
             "cache_dir": str((out / "features").resolve()), "options": asdict(options),
-            "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None}
+            "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None,
+            "architecture": architecture.to_yaml() if architecture is not None else None}
     start = time.perf_counter()
     with ray_session(address):
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

@@ -79,3 +79,23 @@ def test_evaluation_runs_are_keyed_by_checkpoint_content(tmp_path):
     assert evaluation_run_name(a / "step_00000010.pt") != evaluation_run_name(b / "step_00000010.pt")
     (b / "step_00000010.pt").write_bytes(b"model one")
     assert evaluation_run_name(a / "step_00000010.pt") == evaluation_run_name(b / "step_00000010.pt")
+
+
+def test_cli_evaluates_a_safetensors_backbone_with_its_config(ray_local, synthetic_dir, tmp_path,
+                                                              capsys):
+    from attmask.train import pretrain_local
+    from conftest import tiny_yaml
+    from run_pipeline import main
+
+    args = (f"data.path={synthetic_dir}", f"train.output_dir={tmp_path}",
+            "train.steps_per_epoch=2", "train.epochs=1", "train.knn_every_epochs=0")
+    run = pretrain_local(tiny_config(*args), log=lambda s: None).run_dir
+    config = tiny_yaml(tmp_path / "arch.yaml", *args)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--config", str(config), "--checkpoint",
+                 str(run / "teacher_backbone.safetensors"), "--data", str(synthetic_dir),
+                 "--suite", "knn", "--baselines", "none", "--max-train", "64", "--max-test", "32",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["knn"]["k20"]["top1"] <= 1.0
