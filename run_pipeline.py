@@ -20,6 +20,20 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def count(low: int):
+    """An argparse type: an integer >= ``low`` (a bad value is an argparse error: one line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed (must be >= {low})")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None,
@@ -41,12 +55,11 @@ def load_cfg(args):
 
 
 def cmd_pretrain_local(args) -> int:
-    import torch
-
+    from attmask.engine import resolve_device
     from attmask.train import pretrain_local
 
     cfg = load_cfg(args)
-    summary = pretrain_local(cfg, device=torch.device(args.device) if args.device else None,
+    summary = pretrain_local(cfg, device=resolve_device(args.device),
                              max_steps=args.max_steps)
     print(f"done: {summary.steps} steps, {summary.images_per_s:.1f} img/s, "
           f"final loss {summary.final_metrics.get('loss', float('nan')):.4f}; outputs in "
@@ -74,11 +87,12 @@ def cmd_evaluate(args) -> int:
     cfg = load_cfg(args)
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
                           max_test_samples=args.max_test)
-    suite = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
+    if args.suite is not None:
+        options.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
     baselines = tuple(b.strip() for b in args.baselines.split(",")
                       if b.strip() and args.baselines != "none")
     results = run_evaluate(cfg, data=args.data, checkpoint=args.checkpoint,
-                           mlflow_run=args.mlflow_run, suite=suite,
+                           mlflow_run=args.mlflow_run,
                            robustness_set=args.robustness_set, out_dir=args.out,
                            options=options, address=args.address, baselines=baselines,
                            architecture=cfg if args.preset or args.config else None)
@@ -124,6 +138,8 @@ def cmd_bench_step(args) -> int:
 
     from attmask import masking
     from attmask.bench import bench_step
+    from attmask.engine import resolve_device
+    from attmask.errors import ConfigError
 
     cfg = load_cfg(args)
     if args.precision:
@@ -131,15 +147,14 @@ def cmd_bench_step(args) -> int:
     if args.batch_size:
         cfg.train.batch_size_per_worker = args.batch_size
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for s in strategies:
-        if s not in masking.available():
-            from attmask.errors import ConfigError
-            raise ConfigError(f"--strategies: unknown {s!r}; available: "
-                              f"{', '.join(masking.available())}")
+    unknown = [s for s in strategies if s not in masking.available()]
+    if unknown or not strategies:
+        raise ConfigError(f"--strategies {args.strategies}: allowed: "
+                          f"{', '.join(masking.available())}")
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_step(cfg, strategies, steps=args.steps, warmup=args.warmup,
-                        device=torch.device(args.device) if args.device else None)
+    result = bench_step(cfg, strategies, steps=args.steps, warmup=args.warmup, device=device)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +177,9 @@ def cmd_prepare_data(args) -> int:
                        for k, v in manifest["splits"].items())
     print(f"{state} {args.out}: {len(manifest['classes'])} classes, "
           f"{manifest['image_size']} px; {splits}")
+    if skipped := manifest.get("skipped_inputs"):
+        print(f"skipped {len(skipped)} unreadable input(s), listed in {args.out}/dataset.json "
+              f"(first: {skipped[0]})")
     return 0
 
 
@@ -191,7 +209,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("pretrain-local", help="pretrain in this process (no Ray)")
     add_config_args(p, "tiny-cpu")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    p.add_argument("--max-steps", type=count(1), help="stop after this many steps (smoke runs)")
     p.set_defaults(func=cmd_pretrain_local)
 
     p = sub.add_parser("pretrain", help="distributed pretraining on Ray Train, tracked in MLflow")
@@ -213,9 +231,9 @@ def build_parser() -> Parser:
                    help="reference points scored with the same protocols: init (the untrained "
                         "network of the checkpoint's seed), pixels; 'none' to skip")
     p.add_argument("--out", default="eval", help="output directory (results.json, plots)")
-    p.add_argument("--probe-epochs", type=int, default=100)
-    p.add_argument("--max-train", type=int, help="cap on train images (features)")
-    p.add_argument("--max-test", type=int, help="cap on images per test split")
+    p.add_argument("--probe-epochs", type=count(1), default=100)
+    p.add_argument("--max-train", type=count(1), help="cap on train images (features)")
+    p.add_argument("--max-test", type=count(1), help="cap on images per test split")
     p.add_argument("--address", help="attach to a running cluster")
     p.set_defaults(func=cmd_evaluate)
 
@@ -238,10 +256,10 @@ def build_parser() -> Parser:
     add_config_args(p, "vit-tiny-224")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
     p.add_argument("--strategies", default="random,attmask_high,attmask_hint")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per strategy")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per strategy")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--steps", type=count(1), default=5, help="timed steps per strategy")
+    p.add_argument("--warmup", type=count(0), default=2, help="untimed steps per strategy")
+    p.add_argument("--batch-size", type=count(1))
+    p.add_argument("--threads", type=count(1), help="torch intra-op threads")
     p.add_argument("--device")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=cmd_bench_step)
@@ -250,11 +268,11 @@ def build_parser() -> Parser:
     p.add_argument("--source", required=True, help="synthetic, cifar10, npz or imagefolder")
     p.add_argument("--from", dest="from_path", help="input folder (npz, imagefolder, cifar10)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-samples", type=int, help="train size (synthetic: 10000) or cap")
-    p.add_argument("--num-test-samples", type=int, help="size of each test split or cap")
-    p.add_argument("--per-class", type=int, help="keep the first K images per class")
-    p.add_argument("--shard-size", type=int, help="samples per shard (default: >= 8 shards)")
-    p.add_argument("--image-size", type=int, help="synthetic size (32) / imagefolder resize")
+    p.add_argument("--num-samples", type=count(1), help="train size (synthetic: 10000) or cap")
+    p.add_argument("--num-test-samples", type=count(0), help="size of each test split or cap")
+    p.add_argument("--per-class", type=count(1), help="keep the first K images per class")
+    p.add_argument("--shard-size", type=count(1), help="samples per shard (default: >= 8 shards)")
+    p.add_argument("--image-size", type=count(1), help="synthetic size (32) / imagefolder resize")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
     p.add_argument("--bg-correlation", type=float, default=0.8, help="synthetic only")
@@ -262,9 +280,9 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("bench-data", help="decode + multi-crop throughput of a shard directory")
     p.add_argument("--data", required=True)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=count(0), default=2)
+    p.add_argument("--batches", type=count(1), default=20)
+    p.add_argument("--batch-size", type=count(1), default=64)
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench_data)
     return parser

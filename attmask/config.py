@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the dotted field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from attmask.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configs"
+# Names that become folder names and MLflow tag values: no separators, quotes or spaces.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads), the DeiT/DINO ViT sizes
     "vit_tiny": (192, 12, 3),
@@ -194,6 +198,10 @@ class TrainConfig:
         _range(f"{p}.knn_every_epochs", self.knn_every_epochs, 0, 100_000)
         _range(f"{p}.knn_train_samples", self.knn_train_samples, 1, 1 << 24)
         _range(f"{p}.knn_test_samples", self.knn_test_samples, 1, 1 << 24)
+        if self.run_name is not None and not SAFE_NAME.fullmatch(self.run_name):
+            raise ConfigError(f"{p}.run_name={self.run_name[:80]!r}: use 1-128 letters, digits and "
+                              "'._-', starting with a letter or digit (it names a folder and an "
+                              "MLflow run)")
 
 
 @dataclass
@@ -227,6 +235,11 @@ class TrackingConfig:
     timeout_s: float = 5.0  # per request to a tracking server; logging never blocks training
 
     def validate(self, p: str) -> None:
+        scheme = (self.uri or "").partition("://")[0]
+        if self.uri is not None and scheme not in TRACKING_SCHEMES:
+            raise ConfigError(f"{p}.uri={self.uri}: allowed: an MLflow server (http://HOST:PORT, "
+                              "https://...) or a database (sqlite:///PATH, postgresql://, "
+                              "mysql://); not a file store")
         _range(f"{p}.log_images_every_epochs", self.log_images_every_epochs, 0, 100_000)
         _range(f"{p}.timeout_s", self.timeout_s, 0.1, 600)
 
@@ -311,7 +324,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     if data is None:
@@ -325,6 +341,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
     key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from attmask.config import Config, ModelConfig
-from attmask.errors import ConfigError
+from attmask.errors import CheckpointError, ConfigError, UserError
 from attmask.loss import IBOTLoss
 from attmask.masking import make_masker
 from attmask.models import IBOTHead, MultiCropNet, build_backbone
@@ -27,8 +28,9 @@ from attmask.models import IBOTHead, MultiCropNet, build_backbone
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops, the last checkpoint is left intact."""
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; training stops, the last checkpoint is left intact. The
+    cure is in the config (learning rate, precision), so the CLI reports it as one line."""
 
 
 def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
@@ -43,9 +45,20 @@ def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` (cpu, cuda, cuda:N) checked against this machine; default: cuda when present."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device}: not a device; allowed: cpu, cuda, cuda:N") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: allowed: cpu, cuda, cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -294,8 +307,24 @@ class Engine:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint without running pickled code."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint without running pickled code; any other content is a user error that
+    says what was found (a checkpoint that needs code to load is refused, never executed)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {path}") from exc
+    except Exception as exc:  # noqa: BLE001 - torn files, foreign formats, pickled code
+        text = str(exc)
+        code = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = (f"contains code references: {', '.join(code)}" if code else
+                  f"refused by the safe loader: {refused.group(1)[:160]}" if refused else
+                  f"{exc.__class__.__name__}: {text.splitlines()[0][:160] if text else 'unreadable'}")
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a "
+                              "training checkpoint (a dict of state)")
+    return state
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -21,6 +21,12 @@ from attmask.errors import ConfigError, DataError, Interrupted
 from attmask.monitor import OnlineKnn
 
 CHECKPOINT_GLOB = "step_*.pt"
+# What every logged step reports (a search's metric must be one of these); the online monitor
+# adds knn_top1 and knn_top5 when it runs, and patch_loss exists with the iBOT loss only.
+LOOP_METRICS = ("loss", "cls_loss", "patch_loss", "teacher_flatness", "masked_fraction", "lr",
+                "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s", "train_s",
+                "step", "epoch")
+KNN_METRICS = ("knn_top1", "knn_top5")
 
 
 @dataclass
@@ -68,7 +74,8 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     last = min(max_steps or engine.total_steps, engine.total_steps)
     monitor = OnlineKnn(dataset, cfg) if rank == 0 else None
     global_batch = cfg.train.batch_size_per_worker * world_size
-    skipped, floats, knn = 0, {}, {}
+    skipped: set[str] = set()  # distinct corrupt samples (each epoch reads them again)
+    floats, knn = {}, {}
     if monitor is not None and monitor.available and engine.step == 0:
         # The untrained network's score is the baseline every later point is read against.
         init = monitor(engine.teacher.backbone, engine.device)
@@ -82,7 +89,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         for batch in train_batches(dataset, cfg, epoch=epoch, steps=steps, rank=rank,
                                    world_size=world_size, skip=engine.step % steps):
             metrics = engine.train_step(batch["global"], batch["local"])
-            skipped += batch["skipped"]
+            skipped.update(batch["skipped"])
             fault = (cfg.train.inject_fault_at_step == engine.step
                      and rank == cfg.train.inject_fault_rank)
             if fault and cfg.train.inject_fault_kind == "nan":
@@ -122,7 +129,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         hooks.checkpoint(engine, dict(floats, end_of_epoch=False))
     elapsed = time.perf_counter() - start
     return LoopResult(engine.step, (engine.step - start_step) * global_batch / max(elapsed, 1e-9),
-                      floats, skipped)
+                      floats, len(skipped))
 
 
 # ----------------------------------------------------------------------------------------------

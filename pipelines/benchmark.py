@@ -19,12 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
 from attmask import masking
-from attmask.config import PRESET_DIR, Config, load_config, parse_override
+from attmask.config import PRESET_DIR, Config, load_config, parse_override, read_yaml
+from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
-from attmask.eval.suite import SUITE
+from attmask.eval.suite import SUITE, EvalOptions
 from pipelines.report import Report, Rows, RunRecord, build_figures, build_tables, takeaways
 
 BENCH_DIR = PRESET_DIR / "benchmark"
@@ -67,6 +66,26 @@ class BenchmarkSpec:
     def data_dir(self) -> str:
         return str(self.data.get("path") or self.data["out"])
 
+    def prepare_args(self) -> Optional[PrepareArgs]:
+        """What ``prepare-data`` is asked to write, or None when ``data.path`` names shards."""
+        d = self.data
+        if d.get("path"):
+            return None
+        return PrepareArgs(source=d["source"], out=d["out"], from_path=d.get("from"),
+                           num_samples=d.get("num_samples"),
+                           num_test_samples=d.get("num_test_samples"),
+                           per_class=d.get("per_class"), image_size=d.get("image_size"),
+                           seed=d.get("seed", 0))
+
+    def eval_options(self) -> EvalOptions:
+        e = self.evaluation
+        options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
+                              max_train_samples=e.get("max_train"),
+                              max_test_samples=e.get("max_test"))
+        if "suite" in e:
+            options.suite = e["suite"]
+        return options
+
 
 def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> BenchmarkSpec:
     """Read ``configs/benchmark/PRESET.yaml`` (or a path to such a file) and resolve + validate
@@ -76,7 +95,7 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in BENCH_DIR.glob("*.yaml")))
         raise ConfigError(f"benchmark preset {preset!r} not found ({path}); available: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     for where, keys, allowed in (("", raw, TOP_KEYS), ("data.", raw.get("data") or {}, DATA_KEYS),
                                  ("evaluation.", raw.get("evaluation") or {}, EVAL_KEYS)):
         unknown = sorted(set(keys) - allowed)
@@ -105,6 +124,13 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
                          data, model_preset, dict(raw.get("overrides") or {}),
                          strategies, seeds, dict(raw.get("evaluation") or {}),
                          cli_overrides=list(cli_overrides or []))
+    # Everything a real run would reject later, rejected now (dry run or not).
+    for where, check in (("data", spec.prepare_args), ("evaluation", spec.eval_options)):
+        try:
+            if (built := check()) is not None:
+                built.validate()
+        except UserError as exc:
+            raise ConfigError(f"{path}: {where}: {exc}") from exc
     base = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
     base.append(f"data.path={json.dumps(str(Path(spec.data_dir)))}")
     for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
@@ -155,19 +181,15 @@ class BenchmarkResult:
 def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
                   report_root: str | Path = "reports",
                   log: Callable[[str], None] = print) -> BenchmarkResult:
-    from attmask.data.prepare import PrepareArgs, prepare_data
+    from attmask.data.prepare import prepare_data
     from pipelines import tracking
     from pipelines.pretrain import storage_path
     from pipelines.ray_session import ray_session
 
     start = time.perf_counter()
-    if not spec.data.get("path"):
-        d = spec.data
-        _, written = prepare_data(PrepareArgs(
-            source=d["source"], out=d["out"], from_path=d.get("from"),
-            num_samples=d.get("num_samples"), num_test_samples=d.get("num_test_samples"),
-            per_class=d.get("per_class"), image_size=d.get("image_size"), seed=d.get("seed", 0)))
-        log(f"data: {'prepared' if written else 'reused'} {d['out']}")
+    if (prepare := spec.prepare_args()) is not None:
+        _, written = prepare_data(prepare)
+        log(f"data: {'prepared' if written else 'reused'} {prepare.out}")
     first = next(iter(spec.configs.values()))
     storage = storage_path(first)
     uri = tracking.resolve_tracking_uri(first, storage)
@@ -193,7 +215,6 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
 
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: str, parent: str,
              report_dir: Path, log: Callable[[str], None]) -> RunRecord:
-    from attmask.eval.suite import EvalOptions
     from pipelines.evaluate import run_evaluate
     from pipelines.pretrain import run_pretrain
 
@@ -208,15 +229,10 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: st
         record.mlflow_run_id = trained.mlflow_run_id
         record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
         record.device = trained.device
-        e = spec.evaluation
-        options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
-                              max_train_samples=e.get("max_train"),
-                              max_test_samples=e.get("max_test"))
         out = report_dir / "runs" / f"{strategy}-s{seed}"
         log(f"{record.run_name}: evaluating")
         record.results = run_evaluate(cfg, data=spec.data_dir, mlflow_run=trained.mlflow_run_id,
-                                      suite=e.get("suite"), out_dir=str(out), options=options,
-                                      log=log)
+                                      out_dir=str(out), options=spec.eval_options(), log=log)
         overlay = out / "attention_overlay.png"
         record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
         record.knn_history = _knn_history(uri, trained.mlflow_run_id)
@@ -259,15 +275,15 @@ def _reuse_finished(uri: str, cfg: Config, record: RunRecord) -> bool:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import RUN_NAME_TAG
+    from pipelines.tracking import RUN_NAME_TAG, tag_filter
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return False
     found = client.search_runs([exp.experiment_id],
-                               f"tags.`{RUN_NAME_TAG}` = '{record.run_name}' and "
-                               f"tags.`{DONE_TAG}` = 'true'", max_results=1)
+                               tag_filter({RUN_NAME_TAG: record.run_name, DONE_TAG: "true"}),
+                               max_results=1)
     if not found:
         return False
     run = found[0]

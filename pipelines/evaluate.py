@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import yaml
 
 from attmask.config import Config, from_dict
-from attmask.errors import UserError
+from attmask.errors import UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
 from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
 from pipelines import tracking
@@ -148,7 +149,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 
 def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
-                 mlflow_run: Optional[str] = None, suite: Optional[list[str]] = None,
+                 mlflow_run: Optional[str] = None,
                  robustness_set: Optional[str] = None, out_dir: str = "eval",
                  options: Optional[EvalOptions] = None, address: Optional[str] = None,
                  log: Callable[[str], None] = print,
@@ -162,15 +163,13 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
 
     if (checkpoint is None) == (mlflow_run is None):
         raise UserError("give exactly one of --checkpoint PATH and --mlflow-run RUN_ID")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, "--out")
     uri = tracking.resolve_tracking_uri(cfg, storage_path(cfg))
+    tracking.check_tracking(uri, cfg.tracking.timeout_s)  # before the work, not after it
     if mlflow_run is not None:
-        tracking.check_tracking(uri, cfg.tracking.timeout_s)
+        out.mkdir(parents=True, exist_ok=True)
         checkpoint = str(fetch_checkpoint(mlflow_run, uri, out))
-    options = options or EvalOptions()
-    if suite:
-        options.suite = suite
+    options = (options or EvalOptions()).validate()
     # Validate checkpoint, data and options here, before any task is scheduled.
     for kind in baselines:
         if kind not in BASELINES:
@@ -184,6 +183,7 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
             "cache_dir": str((out / "features").resolve()), "options": asdict(options),
             "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None,
             "architecture": architecture.to_yaml() if architecture is not None else None}
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ray_session(address):
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -216,7 +216,8 @@ def evaluation_run_name(checkpoint: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return f"eval-{path.stem}-{digest.hexdigest()[:12]}"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:60]  # a file name may hold anything
+    return f"eval-{stem}-{digest.hexdigest()[:12]}"
 
 
 def _log_to_mlflow(cfg: Config, uri: str, run_id: Optional[str], checkpoint: str, out: Path,

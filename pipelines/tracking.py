@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from attmask.config import Config
+from attmask.config import SAFE_NAME, Config
 from attmask.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,15 @@ def run_tags(cfg: Config, run_name: str) -> dict[str, str]:
     return tags
 
 
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching every ``tags`` item exactly. MLflow has no bound
+    parameters, so values are checked against the safe name set, never pasted unchecked."""
+    for key, value in tags.items():
+        if not SAFE_NAME.fullmatch(key.replace(".", "_")) or not SAFE_NAME.fullmatch(value):
+            raise UserError(f"tag {key}={value[:80]!r}: not a safe name for an MLflow search")
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
 def get_or_create_run(uri: str, cfg: Config, run_name: str, storage_path: str,
                       parent_run_id: Optional[str] = None,
                       extra_tags: Optional[dict[str, str]] = None) -> str:
@@ -102,7 +111,7 @@ def get_or_create_run(uri: str, cfg: Config, run_name: str, storage_path: str,
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
         cfg.tracking.experiment, artifact_location=artifact_location(uri, storage_path)))
-    found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+    found = client.search_runs([experiment_id], tag_filter({RUN_NAME_TAG: run_name}),
                                max_results=1)
     if found:
         run_id = found[0].info.run_id

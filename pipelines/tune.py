@@ -37,6 +37,7 @@ import yaml
 
 from attmask.config import REPO_ROOT, Config, from_dict, load_config, parse_override, set_dotted
 from attmask.errors import ConfigError, UserError
+from attmask.train import KNN_METRICS, LOOP_METRICS
 
 SAMPLERS = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
 SEARCHES = {"random", "grid", "optuna"}
@@ -163,6 +164,17 @@ def validate_spec(spec: TuneSpec, base: Config) -> None:
     if bad:
         raise ConfigError(f"resources_per_trial.{bad[0]}: unknown; allowed: workers, "
                           "cpus_per_worker, gpus_per_worker")
+    for name, low, kinds in (("workers", 1, (int,)), ("cpus_per_worker", 1e-9, (int, float)),
+                             ("gpus_per_worker", 0, (int, float))):
+        value = res.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < low:
+            allowed = "an integer >= 1" if name == "workers" else \
+                "a number > 0" if low else "a number >= 0"
+            raise ConfigError(f"resources_per_trial.{name}={value!r}: must be {allowed}")
+    reported = set(LOOP_METRICS) | (set(KNN_METRICS) if base.train.knn_every_epochs else set())
+    if spec.metric not in reported:
+        raise ConfigError(f"metric={spec.metric!r}: no trial reports it; reported: "
+                          f"{', '.join(sorted(reported))}")
     if spec.search == "optuna":
         try:
             import optuna  # noqa: F401
@@ -202,6 +214,12 @@ def _validate_entry(spec: TuneSpec, base: Config, key: str, sampler: Any) -> Non
             raise ConfigError(f"{where}: loguniform needs low > 0")
         if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
             raise ConfigError(f"{where}: randint needs integers (high exclusive)")
+        if kind == "quniform" and not args[2] > 0:
+            raise ConfigError(f"{where}: quniform needs a step q > 0")
+        current = getattr(getattr(base, section), name)
+        if kind != "randint" and isinstance(current, int) and not isinstance(current, bool):
+            raise ConfigError(f"{where}: {key} is an integer; {kind} draws real numbers (use "
+                              "randint or choice)")
         values = [lo, hi - 1 if kind == "randint" else hi]
     for value in values:
         try:

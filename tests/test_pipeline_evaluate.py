@@ -50,8 +50,7 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     assert not any("reusing" in line for line in logged)
     # a second evaluation of the same seed and data reuses them instead of recomputing
     again = run_evaluate(cfg, data=str(synthetic_dir), mlflow_run=trained.mlflow_run_id,
-                         out_dir=str(tmp_path / "eval2"), suite=["knn", "linear", "fewshot",
-                                                                 "robustness", "attention"],
+                         out_dir=str(tmp_path / "eval2"),
                          options=EvalOptions(probe_epochs=5, shots=(1,)), log=logged.append)
     assert again["baselines"] == base
     assert sum("reusing" in line for line in logged) == 2

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from attmask.engine import NonFiniteLossError, StepMetrics, load_checkpoint
 from attmask.errors import ConfigError, DataError
-from attmask.train import pretrain_local
+from attmask.train import KNN_METRICS, LOOP_METRICS, pretrain_local
 from conftest import ROOT, tiny_config, tiny_yaml
 
 
@@ -27,6 +27,8 @@ def test_pretrain_local_writes_outputs_and_timm_loadable_teacher(synthetic_dir, 
     assert (run / "config.yaml").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(0, 7))
+    reported = set().union(*lines)  # what a search may name as its metric, exactly
+    assert reported == set(LOOP_METRICS) | set(KNN_METRICS)
     # the untrained network's k-NN at step 0, then at each epoch end, never repeated in between
     assert [x["step"] for x in lines if "knn_top1" in x] == [0, 3, 6]
     assert lines[0]["train_s"] == 0.0 and lines[-1]["train_s"] > 0

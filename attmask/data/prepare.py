@@ -13,7 +13,7 @@ from attmask.data.sources import (
     npz_source,
     synthetic_source,
 )
-from attmask.errors import DataError
+from attmask.errors import DataError, check_output_dir
 
 SOURCES = ["synthetic", "cifar10", "npz", "imagefolder"]
 
@@ -43,6 +43,7 @@ class PrepareArgs:
             raise DataError(f"--source {self.source} needs --from PATH")
         if self.from_path and not Path(self.from_path).exists():
             raise DataError(f"--from {self.from_path}: no such file or directory")
+        check_output_dir(self.out, "--out")
 
 
 def build_source(a: PrepareArgs) -> SourceSpec:

@@ -65,10 +65,14 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
     dataset that was in ``out`` before untouched and loadable.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise DataError(f"--out {out}: cannot write beside it ({exc.strerror}: "
+                        f"{exc.filename})") from exc
     try:
         manifest = _write_all(spec, staging, source, args, shard_size)
         _swap_in(staging, out)
@@ -88,7 +92,8 @@ def _write_all(spec: SourceSpec, out: Path, source: str, args: dict[str, Any],
             raise DataError(f"split {split!r} of source {source!r} is empty")
         splits[split] = {"num_samples": total, "shards": shards}
     manifest = {"format": FORMAT, "source": source, "args": args, "classes": spec.classes,
-                "image_size": spec.image_size, "has_fg": has_fg, "splits": splits}
+                "image_size": spec.image_size, "has_fg": has_fg, "splits": splits,
+                "skipped_inputs": spec.skipped}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -239,11 +244,35 @@ def load_dataset(path: str | Path) -> Dataset:
                         "create it with: python run_pipeline.py prepare-data --out DIR") from exc
     try:
         manifest = json.loads(text)
-        if manifest.get("format") != FORMAT or "splits" not in manifest:
-            raise ValueError("not an attmask manifest")
     except ValueError as exc:
-        raise DataError(f"manifest {url} is not a valid {FORMAT} manifest") from exc
+        raise DataError(f"manifest {url} is not JSON ({exc})") from exc
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"manifest {url} is not a valid {FORMAT} manifest: {problem}")
     return Dataset(root, manifest)
+
+
+def manifest_problem(m: Any) -> Optional[str]:
+    """What is wrong with a parsed manifest's structure, or None: checked once on loading so
+    that no later reader fails on a missing or mistyped entry."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return f"expected an object with \"format\": \"{FORMAT}\""
+    classes, size, splits = m.get("classes"), m.get("image_size"), m.get("splits")
+    if not isinstance(classes, list) or not classes:
+        return "'classes' must be a non-empty list of class names"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        return f"'image_size' must be a positive integer, got {size!r}"
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' must map split names to their shards"
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            return f"split {name!r} needs a 'shards' list"
+        if not isinstance(split.get("num_samples"), int):
+            return f"split {name!r} needs an integer 'num_samples'"
+        for i, shard in enumerate(split["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+                return f"split {name!r} shard {i} has no 'file' name"
+    return None
 
 
 def _join(root: str, name: str) -> str:

@@ -42,6 +42,7 @@ class SourceSpec:
     classes: list[str]
     image_size: int
     splits: dict[str, tuple[int, Iterator[Sample]]]  # split -> (count, samples)
+    skipped: list[str] = field(default_factory=list)  # unreadable inputs, filled while writing
 
 
 def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] = None,
@@ -68,6 +69,37 @@ def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] 
     return SourceSpec(gen.classes, image_size, splits)
 
 
+def check_image_npz(path: Path, num_classes: Optional[int] = None,
+                    dataset_root: str | Path = "") -> tuple[tuple[int, ...], np.ndarray]:
+    """``images`` (uint8 RGB, (N, H, W, 3)) and ``labels`` (N integers >= 0, below
+    ``num_classes`` when given) of one ``.npz``, checked; returns the image shape and labels.
+    Anything else is named here (no pickled objects are ever loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(missing)} array (needs 'images' "
+                                f"uint8 NHWC and 'labels'; has {', '.join(z.files) or 'nothing'})")
+            images, labels = z["images"], z["labels"]
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - not an npz, truncated, or object arrays
+        raise DataError(f"{path}: not a readable .npz of arrays ({exc.__class__.__name__}: "
+                        f"{str(exc)[:120]})") from exc
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8 RGB of shape (N, H, W, 3), got "
+                        f"{images.dtype} {images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} "
+                        f"{labels.shape}")
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: negative label {int(labels.min())}")
+    if len(labels) and num_classes is not None and labels.max() >= num_classes:
+        raise DataError(f"{path}: labels up to {int(labels.max())} do not fit the {num_classes} "
+                        f"classes of {dataset_root}")
+    return images.shape, labels
+
+
 def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
                num_samples: Optional[int] = None, num_test_samples: Optional[int] = None,
                per_class: Optional[int] = None) -> SourceSpec:
@@ -88,18 +120,10 @@ def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
     for split, paths in by_split.items():
         n = 0
         for p in paths:
-            with np.load(p, allow_pickle=False) as z:
-                if "images" not in z or "labels" not in z:
-                    raise DataError(f"{p}: needs arrays 'images' (uint8 NHWC) and 'labels'")
-                shape = z["images"].shape
-                if len(shape) != 4 or shape[-1] != 3 or z["images"].dtype != np.uint8:
-                    raise DataError(f"{p}: 'images' must be uint8 (N, H, W, 3), got "
-                                    f"{z['images'].dtype} {shape}")
-                if len(z["labels"]) != shape[0]:
-                    raise DataError(f"{p}: {shape[0]} images but {len(z['labels'])} labels")
-                label_max = max(label_max, int(z["labels"].max()) if shape[0] else -1)
-                image_size = min(image_size or shape[1], shape[1], shape[2])
-                n += shape[0]
+            shape, labels = check_image_npz(p, len(classes) if classes else None)
+            label_max = max(label_max, int(labels.max()) if shape[0] else -1)
+            image_size = min(image_size or shape[1], shape[1], shape[2])
+            n += shape[0]
         counts[split] = n
     if label_max < 0:
         raise DataError(f"--from {folder}: the .npz files hold no images")
@@ -184,29 +208,50 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
 
     from PIL import Image
 
-    min_side = image_size or min(min(Image.open(p).size) for p, _ in files["train"][:1000])
+    skipped: list[str] = []
+
+    def readable_size(path: Path) -> Optional[int]:
+        try:
+            with Image.open(path) as im:
+                return min(im.size)
+        except (OSError, SyntaxError, ValueError):
+            return None
+
+    sizes = [s for s in map(readable_size, (p for p, _ in files["train"][:1000])) if s]
+    if not image_size and not sizes:
+        raise DataError(f"--from {root}: none of the first images can be read")
+    min_side = image_size or min(sizes)
+
+    def encode(path: Path) -> tuple[bytes, str]:
+        ext = path.suffix.lower().lstrip(".")
+        with Image.open(path) as im:
+            if image_size is None and ext in ("jpg", "jpeg", "png"):
+                im.verify()  # pass the file through unchanged, but only if it decodes
+                return path.read_bytes(), "jpg" if ext == "jpeg" else ext
+            im = im.convert("RGB")
+            if image_size is not None:
+                scale = image_size / min(im.size)
+                im = im.resize((max(image_size, round(im.width * scale)),
+                                max(image_size, round(im.height * scale))), Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=95)
+            return buf.getvalue(), "jpg"
 
     def stream(split: str) -> Iterator[Sample]:
+        # One unreadable file must not end a long conversion: it is skipped and counted, like
+        # a corrupt sample in training.
         for i, (path, label) in enumerate(files[split]):
-            key = f"{split}{i:08d}"
-            ext = path.suffix.lower().lstrip(".")
-            if image_size is None and ext in ("jpg", "jpeg", "png"):
-                yield Sample(key, label, encoded=path.read_bytes(), ext="jpg" if ext == "jpeg" else ext,
-                             meta={"file": str(path.relative_to(root))})
+            try:
+                data, ext = encode(path)
+            except (OSError, SyntaxError, ValueError) as exc:
+                skipped.append(f"{path} ({exc.__class__.__name__})")
                 continue
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if image_size is not None:
-                    scale = image_size / min(im.size)
-                    im = im.resize((max(image_size, round(im.width * scale)),
-                                    max(image_size, round(im.height * scale))), Image.BICUBIC)
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=95)
-            yield Sample(key, label, encoded=buf.getvalue(), ext="jpg",
+            yield Sample(f"{split}{i:08d}", label, encoded=data, ext=ext,
                          meta={"file": str(path.relative_to(root))})
 
     return SourceSpec(classes, min_side,
-                      {split: (len(items), stream(split)) for split, items in files.items()})
+                      {split: (len(items), stream(split)) for split, items in files.items()},
+                      skipped)
 
 
 def _per_class_stream(it: Iterator[Sample], k: int, num_classes: int) -> tuple[int, Iterator[Sample]]:

@@ -80,7 +80,8 @@ class Decoder:
     def __init__(self, num_classes: int, min_size: int, max_corrupt_fraction: float) -> None:
         self.num_classes, self.min_size = num_classes, min_size
         self.max_corrupt_fraction = max_corrupt_fraction
-        self.seen = self.skipped = 0
+        self.seen = self.skipped = 0  # reads, for the corrupt share (a pass re-reads)
+        self.bad: list[str] = []  # distinct corrupt samples, in the order they were found
         self.last_bad = ""
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[DecodedSample]:
@@ -111,6 +112,8 @@ class Decoder:
     def _skip(self, key: str, exc: Exception) -> None:
         self.skipped += 1
         self.last_bad = key
+        if key not in self.bad:
+            self.bad.append(key)
         if self.skipped == 1:
             log.warning("skipping corrupt sample %s (%s); further ones are only counted", key,
                         str(exc)[:200])
@@ -144,7 +147,8 @@ def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[An
 
 class TrainStream(IterableDataset):
     """Infinite multi-crop batches for one rank: ``{"global": (2,B,3,S,S), "local": (L,B,3,s,s),
-    "label": (B,), "key": [...], "skipped": int, "seen": int}`` (counts since the last batch)."""
+    "label": (B,), "key": [...], "skipped": [...]}``; ``skipped`` names the corrupt samples first
+    found since the last batch (a sample re-read on a later pass is not named again)."""
 
     def __init__(self, dataset: Dataset, split: str, transform: MultiCropTransform,
                  batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -178,7 +182,7 @@ class TrainStream(IterableDataset):
                 random.Random(f"{self.seed}/{self.epoch}/{reader}/{cycle}").shuffle(order)
                 yield from decoder(read_samples(order, stride, reader))
 
-        batch, last_skipped, last_seen = [], 0, 0
+        batch, reported = [], 0
         for s in _shuffle(samples(), max(1, self.shuffle_buffer), rng):
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(crop_state)
@@ -189,9 +193,8 @@ class TrainStream(IterableDataset):
                 yield {"global": _stack_views([b[0][0] for b in batch]),
                        "local": _stack_views([b[0][1] for b in batch]),
                        "label": torch.tensor([b[1] for b in batch]),
-                       "key": [b[2] for b in batch],
-                       "skipped": decoder.skipped - last_skipped, "seen": decoder.seen - last_seen}
-                batch, last_skipped, last_seen = [], decoder.skipped, decoder.seen
+                       "key": [b[2] for b in batch], "skipped": decoder.bad[reported:]}
+                batch, reported = [], len(decoder.bad)
 
 
 def _stack_views(per_sample: list[list[torch.Tensor]]) -> Optional[torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from attmask.config import Config, ModelConfig, from_dict
 from attmask.data.shards import Dataset, load_dataset
+from attmask.data.sources import check_image_npz
 from attmask.data.stream import EvalStream, make_loader
 from attmask.data.transforms import EvalTransform
 from attmask.engine import load_checkpoint, resolve_device
@@ -50,10 +51,33 @@ class EvalOptions:
     max_test_samples: Optional[int] = None
     batch_size: int = 256
 
-    def validate(self) -> None:
-        unknown = [s for s in self.suite if s not in SUITE]
-        if unknown or not self.suite:
-            raise UserError(f"--suite {','.join(self.suite)}: allowed parts are {','.join(SUITE)}")
+    def validate(self) -> "EvalOptions":
+        """Checks every option (CLI flags and a benchmark's ``evaluation:`` alike) before any
+        work: a probe of 0 epochs or a cap of -1 images would otherwise give meaningless scores."""
+        suite = self.suite if isinstance(self.suite, (list, tuple)) else [self.suite]
+        unknown = [s for s in suite if s not in SUITE]
+        if unknown or not suite:
+            raise UserError(f"--suite {','.join(map(str, suite))}: allowed parts are "
+                            f"{','.join(SUITE)}")
+        positive = {"probe_epochs": self.probe_epochs, "batch_size": self.batch_size,
+                    "knn_blocks": self.knn_blocks, "linear_blocks": self.linear_blocks}
+        positive.update({name: value for name, value in (("max_train", self.max_train_samples),
+                                                          ("max_test", self.max_test_samples))
+                         if value is not None})
+        for name, value in positive.items():
+            if not _is_int(value) or value < 1:
+                raise UserError(f"{name}={value!r}: must be an integer >= 1 "
+                                f"(--{name.replace('_', '-')})")
+        for name, values in (("knn_ks", self.knn_ks), ("shots", self.shots)):
+            if not values or not all(_is_int(v) and v >= 1 for v in values):
+                raise UserError(f"{name}={values!r}: must be integers >= 1")
+        if not isinstance(self.probe_lr, (int, float)) or not self.probe_lr > 0:
+            raise UserError(f"probe_lr={self.probe_lr!r}: must be a number > 0")
+        return self
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def load_teacher(checkpoint: str | Path, config: Optional[Config] = None
@@ -71,13 +95,14 @@ def load_teacher(checkpoint: str | Path, config: Optional[Config] = None
         if config is None:
             raise UserError(f"{path}: a .safetensors backbone needs --config/--preset for its "
                             "architecture")
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file
+            raise UserError(f"checkpoint {path} is not a readable .safetensors file "
+                            f"({str(exc).splitlines()[0][:160]})") from exc
         cfg = config
     else:
-        try:
-            full = load_checkpoint(path)
-        except Exception as exc:  # noqa: BLE001 - not a loadable checkpoint at all
-            raise UserError(f"checkpoint {path} cannot be loaded: {exc}".splitlines()[0]) from exc
+        full = load_checkpoint(path)
         if "teacher" not in full or "config" not in full:
             raise UserError(f"checkpoint {path} has no 'teacher' and 'config' entries "
                             "(not an attmask training checkpoint)")
@@ -167,14 +192,16 @@ class Evaluator:
                 raise DataError(f"{ds.root}: the evaluation needs a '{split}' split "
                                 f"(has {', '.join(ds.splits)})")
         if self.robustness_set is not None:
-            train = self.robustness_set / "train_original.npz"
-            if not train.is_file():
-                raise DataError(f"--robustness-set {self.robustness_set}: needs "
-                                "train_original.npz and test_<variant>.npz files")
-            with np.load(train) as z:
-                if int(z["labels"].max()) >= len(ds.classes):
-                    raise DataError(f"{train}: labels up to {int(z['labels'].max())} do not fit "
-                                    f"the {len(ds.classes)} classes of {ds.root}")
+            root = self.robustness_set
+            train = root / "train_original.npz"
+            variants = sorted(root.glob("test_*.npz")) if root.is_dir() else []
+            if not train.is_file() or not variants:
+                raise DataError(f"--robustness-set {root}: needs train_original.npz and at least "
+                                f"one test_<variant>.npz (found "
+                                f"{'train_original.npz' if train.is_file() else 'neither'}"
+                                f"{'' if variants or not train.is_file() else ' only'})")
+            for path in [train, *variants]:
+                check_image_npz(path, len(ds.classes), ds.root)
 
     # -- features ---------------------------------------------------------------------------
 
