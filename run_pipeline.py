@@ -311,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of a user error, also when a DataLoader worker re-raised it with a traceback."""
+    """The message of a user error, also when a Ray task or a DataLoader worker re-raised it
+    with a traceback (Ray keeps the original exception as ``cause``)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]

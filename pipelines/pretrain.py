@@ -64,7 +64,7 @@ def _worker_failure(exc: Exception) -> Exception:
     for failure in failures.values():
         seen = failure
         while seen is not None:
-            if isinstance(seen, (UserError, NonFiniteLossError)):
+            if isinstance(seen, UserError):
                 return seen
             seen = getattr(seen, "cause", None) or seen.__cause__
         text = str(failure)
@@ -144,6 +144,30 @@ def _finish_run(uri: str, run_id: str, status: str) -> None:
 # Worker side
 
 
+def _restore(engine, checkpoint, log: Callable[[str], None]) -> None:
+    """Load the newest intact checkpoint of the run. Ray offers its latest; if that one cannot be
+    read (a torn copy, a full disk), it is named and the next older one beside it is used."""
+    from attmask.errors import CheckpointError
+
+    latest = Path(checkpoint.path)
+    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p < latest),
+                   reverse=True) if latest.is_dir() else []  # local storage only
+    for i, candidate in enumerate([None, *older]):
+        try:
+            if candidate is None:
+                with checkpoint.as_directory() as d:
+                    engine.load(Path(d) / STATE_FILE)
+            else:
+                engine.load(candidate / STATE_FILE)
+        except CheckpointError as exc:
+            log(f"skipping unreadable checkpoint: {exc}")
+            if i == len(older):
+                raise
+            continue
+        log(f"resumed from step {engine.step} (epoch {engine.epoch})")
+        return
+
+
 def train_worker(loop_config: dict) -> dict:
     """One Ray Train worker: the library loop with checkpoints through ``ray.train.report``."""
     import ray.train
@@ -175,10 +199,7 @@ def train_worker(loop_config: dict) -> dict:
                     rank=rank, wrap_student=wrap)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load(Path(d) / STATE_FILE)
-        if rank == 0:
-            print(f"resumed from step {engine.step} (epoch {engine.epoch})")
+        _restore(engine, checkpoint, print if rank == 0 else (lambda s: None))
 
     logger = (tracking.AsyncRunLogger(loop_config["tracking_uri"], loop_config["run_id"],
                                       cfg.tracking.timeout_s) if rank == 0 else None)

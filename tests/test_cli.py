@@ -142,3 +142,16 @@ def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
 def test_pipeline_commands_follow_the_error_rule(capsys, argv, words):
     code, _, err = run_main(capsys, *argv)
     assert_one_error_line(code, err, *words)
+
+
+def test_an_error_raised_in_a_ray_task_is_its_own_one_line_message():
+    from ray.exceptions import RayTaskError
+
+    from attmask.errors import DataError
+    from run_pipeline import one_line
+
+    cause = DataError("shard missing: /data/train-000003.tar (listed in /data/dataset.json)")
+    wrapped = RayTaskError("_run_part", "Traceback (most recent call last):\n" + "x\n" * 80,
+                           cause).as_instanceof_cause()
+    assert isinstance(wrapped, DataError) and len(str(wrapped)) > 200
+    assert one_line(wrapped) == str(cause)

@@ -89,6 +89,24 @@ def test_rerun_with_same_name_resumes_the_same_mlflow_run(ray_local, synthetic_d
     assert steps[0] == 1 and steps[-1] == 9 and sorted(set(steps)) == list(range(1, 10))
 
 
+def test_unreadable_latest_checkpoint_is_named_and_an_older_one_resumed(ray_local, synthetic_dir,
+                                                                         tmp_path):
+    cfg = ray_cfg(synthetic_dir, tmp_path, "train.epochs=3", "train.run_name=torn",
+                  "train.checkpoint_every_steps=2", "train.checkpoint_keep=5",
+                  "train.inject_fault_at_step=5", "tracking.log_images_every_epochs=0")
+    with pytest.raises(Exception):
+        run_pretrain(cfg, log=lambda s: None)  # stops at step 5 (max_failures=0)
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "torn").glob("checkpoint_*") if p.is_dir())
+    latest = checkpoints[-1] / "state.pt"
+    assert load_checkpoint(latest)["step"] == 4
+    latest.write_bytes(latest.read_bytes()[:2000])  # torn, e.g. a disk that filled up
+    messages = []
+    result = run_pretrain(cfg, log=messages.append)  # same command again
+    assert result.steps == 9
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+
+
 def test_nan_loss_stops_the_run_with_the_step(ray_local, synthetic_dir, tmp_path):
     cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "train.inject_fault_at_step=4",
                   "train.inject_fault_kind=nan", "tracking.log_images_every_epochs=0",
