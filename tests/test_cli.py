@@ -103,6 +103,13 @@ def test_prepare_data_and_pretrain_local_smoke(capsys, tmp_path):
     assert code == 0 and "done: 6 steps" in stdout and "epoch 1/1 step 6/6" in stdout
 
 
+def test_nan_loss_is_one_line_naming_the_step(capsys, tmp_path, synthetic_dir):
+    code, _, err = run_main(capsys, "pretrain-local", *TINY, f"data.path={synthetic_dir}",
+                            "train.steps_per_epoch=3", "train.inject_fault_at_step=2",
+                            "train.inject_fault_kind=nan", f"train.output_dir={tmp_path}")
+    assert_one_error_line(code, err, "loss is nan at step 2", "optim.lr")
+
+
 def test_bench_step_reports_ratios_bound_and_flops(capsys, tmp_path):
     cfg = tiny_yaml(tmp_path / "tiny.yaml")
     out = tmp_path / "bench.json"
