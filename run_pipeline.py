@@ -61,8 +61,10 @@ def cmd_pretrain_local(args) -> int:
     cfg = load_cfg(args)
     summary = pretrain_local(cfg, device=resolve_device(args.device),
                              max_steps=args.max_steps)
-    print(f"done: {summary.steps} steps, {summary.images_per_s:.1f} img/s, "
-          f"final loss {summary.final_metrics.get('loss', float('nan')):.4f}; outputs in "
+    last = summary.final_metrics
+    loss = (f"last logged loss {last['loss']:.4f} (step {last['step']})" if "loss" in last
+            else "no step logged")
+    print(f"done: {summary.steps} steps, {summary.images_per_s:.1f} img/s, {loss}; outputs in "
           f"{summary.run_dir}")
     return 0
 
@@ -288,12 +290,24 @@ def build_parser() -> Parser:
     return parser
 
 
+def parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may come anywhere among the flags
+    (argparse alone takes them only as one run of positionals)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:  # the main job: the default benchmark
-        args = parser.parse_args(["benchmark", *(["--debug"] if args.debug else [])])
+        args = parse(parser, ["benchmark", *(["--debug"] if args.debug else [])])
     from attmask.errors import Interrupted, UserError
 
     try:

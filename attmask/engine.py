@@ -280,7 +280,7 @@ class Engine:
     def state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "loss": self.loss.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "scaler": self.scaler.state_dict(), "step": self.step,
                 "config": self.cfg.to_yaml()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -216,8 +216,7 @@ def train_worker(loop_config: dict) -> dict:
         with tempfile.TemporaryDirectory() as d:
             saved = None
             if rank == 0:  # every rank holds the same state after DDP; one copy is enough
-                engine.save(Path(d) / STATE_FILE, extra={"data_position": {
-                    "epoch": engine.epoch, "batch_in_epoch": engine.step % engine.steps_per_epoch}})
+                engine.save(Path(d) / STATE_FILE)  # the step is the data position too
                 saved = ray.train.Checkpoint.from_directory(d)
             ray.train.report(report, checkpoint=saved)
         if logger is None:

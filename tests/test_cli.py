@@ -162,3 +162,13 @@ def test_an_error_raised_in_a_ray_task_is_its_own_one_line_message():
                            cause).as_instanceof_cause()
     assert isinstance(wrapped, DataError) and len(str(wrapped)) > 200
     assert one_line(wrapped) == str(cause)
+
+
+def test_overrides_may_come_anywhere_among_the_flags():
+    from run_pipeline import build_parser, parse
+
+    args = parse(build_parser(), ["pretrain-local", "train.epochs=1", "--max-steps", "1",
+                                  "train.run_name=x"])
+    assert args.overrides == ["train.epochs=1", "train.run_name=x"] and args.max_steps == 1
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["pretrain-local", "--max-steps", "1", "--bogus"])

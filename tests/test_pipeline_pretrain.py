@@ -46,7 +46,7 @@ def test_two_workers_with_mlflow_readback(ray_local, synthetic_dir, tmp_path):
     assert {"config/config.yaml", "model/teacher_backbone.safetensors",
             "checkpoint/state.pt", "attention/epoch_0001.png"} <= artifacts
     state = load_checkpoint(os.path.join(result.checkpoint_path, "state.pt"))
-    assert state["step"] == 6 and state["data_position"] == {"epoch": 2, "batch_in_epoch": 0}
+    assert state["step"] == 6
 
 
 def test_killed_worker_resumes_exactly_and_completes(ray_local, synthetic_dir, tmp_path):

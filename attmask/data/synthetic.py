@@ -11,7 +11,6 @@ object can be measured. Samples are a pure function of ``(seed, split, index)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -88,10 +87,6 @@ class ObjectsOnBackgrounds:
                                       {"shape": SHAPES[label],
                                        "background": BACKGROUNDS[f] if f >= 0 else "black"})
                 for name, (img, f) in out.items()}
-
-    def iter_split(self, split: str, count: int) -> Iterator[SyntheticSample]:
-        for i in range(count):
-            yield self.sample(split, i)
 
     # ------------------------------------------------------------------------------------------
 
