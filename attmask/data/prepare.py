@@ -48,7 +48,7 @@ class PrepareArgs:
 
 def build_source(a: PrepareArgs) -> SourceSpec:
     caps = dict(num_samples=a.num_samples, num_test_samples=a.num_test_samples,
-                per_class=a.per_class)
+                per_class=a.per_class, seed=a.seed)
     if a.source == "synthetic":
         try:
             return synthetic_source(a.num_samples or 10_000, a.num_test_samples,

@@ -207,7 +207,12 @@ class Dataset:
         return splits[split]
 
     def shard_urls(self, split: str) -> list[str]:
-        return [_join(self.root, s["file"]) for s in self._split(split)["shards"]]
+        return [url for url, _ in self.shards(split)]
+
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(url, number of samples) of every shard of ``split``."""
+        return [(_join(self.root, s["file"]), int(s.get("num_samples", 0)))
+                for s in self._split(split)["shards"]]
 
     def check_shards(self, split: str, verify: bool = True) -> None:
         """Every local shard must exist; with ``verify`` its sha256 must match the manifest."""

@@ -7,8 +7,9 @@ to PNG by the writer) or already-encoded JPEG/PNG bytes that are passed through 
 from __future__ import annotations
 
 import io
-import itertools
+import random
 import re
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,10 +103,12 @@ def check_image_npz(path: Path, num_classes: Optional[int] = None,
 
 def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
                num_samples: Optional[int] = None, num_test_samples: Optional[int] = None,
-               per_class: Optional[int] = None) -> SourceSpec:
+               per_class: Optional[int] = None, seed: int = 0) -> SourceSpec:
     """A folder of ``.npz`` files (``images`` uint8 NHWC, ``labels``); the split is the file name
     without a trailing ``_<digits>`` chunk number: ``train_00.npz`` -> ``train``,
-    ``test_mixed_rand.npz`` -> ``test_mixed_rand``."""
+    ``test_mixed_rand.npz`` -> ``test_mixed_rand``. Each split is written in a seeded random
+    order (files are often grouped by class), after ``per_class`` keeps the first K images of
+    each class and before the ``num_samples`` cap."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--from {folder}: not a directory")
@@ -115,42 +118,40 @@ def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
     by_split: dict[str, list[Path]] = defaultdict(list)
     for f in files:
         by_split[re.sub(r"_\d+$", "", f.stem)].append(f)
-    label_max, image_size = -1, None
-    counts = {}
+    image_size = None
+    labels: dict[str, np.ndarray] = {}
     for split, paths in by_split.items():
-        n = 0
+        parts = []
         for p in paths:
-            shape, labels = check_image_npz(p, len(classes) if classes else None)
-            label_max = max(label_max, int(labels.max()) if shape[0] else -1)
-            image_size = min(image_size or shape[1], shape[1], shape[2])
-            n += shape[0]
-        counts[split] = n
+            shape, part = check_image_npz(p, len(classes) if classes else None)
+            image_size = min(image_size or shape[1], shape[1], shape[2]) if shape[0] else image_size
+            parts.append(part)
+        labels[split] = np.concatenate(parts)
+    label_max = max((int(v.max()) for v in labels.values() if len(v)), default=-1)
     if label_max < 0:
         raise DataError(f"--from {folder}: the .npz files hold no images")
     classes = classes or [str(i) for i in range(label_max + 1)]
-    if label_max >= len(classes):
-        raise DataError(f"--from {folder}: label {label_max} outside the {len(classes)} classes")
 
-    def stream(split: str) -> Iterator[Sample]:
-        i = 0
-        for p in by_split[split]:
-            with np.load(p, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-            for img, label in zip(images, labels):
-                yield Sample(f"{split}{i:07d}", int(label), image=img)
-                i += 1
+    def order(split: str) -> np.ndarray:
+        """Indices into the split's concatenated files, in the order they are written."""
+        index = np.arange(len(labels[split]))
+        if per_class is not None:
+            index = np.concatenate([index[labels[split] == c][:per_class]
+                                    for c in range(len(classes))])
+        index = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(index)
+        cap = num_samples if split == "train" else num_test_samples
+        return index[:cap] if cap is not None else index
+
+    def stream(split: str, index: np.ndarray) -> Iterator[Sample]:
+        images = np.concatenate([np.load(p, allow_pickle=False)["images"]
+                                 for p in by_split[split]])
+        for n, i in enumerate(index):
+            yield Sample(f"{split}{n:07d}", int(labels[split][i]), image=images[i])
 
     splits = {}
     for split in by_split:
-        cap = num_samples if split == "train" else num_test_samples
-        it = stream(split)
-        if per_class is not None:
-            count, it = _per_class_stream(it, per_class, len(classes))
-        else:
-            count = counts[split]
-        if cap is not None:
-            count, it = min(count, cap), itertools.islice(it, cap)
-        splits[split] = (count, it)
+        index = order(split)
+        splits[split] = (len(index), stream(split, index))
     return SourceSpec(classes, image_size, splits)
 
 
@@ -177,7 +178,7 @@ def cifar10_source(folder: Optional[str | Path], download_root: str | Path, **kw
 
 def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
                        num_samples: Optional[int] = None, num_test_samples: Optional[int] = None,
-                       per_class: Optional[int] = None) -> SourceSpec:
+                       per_class: Optional[int] = None, seed: int = 0) -> SourceSpec:
     """A class-per-folder tree (ImageNet layout): ``root/<class>/*.jpg``, or ``root/train`` and
     ``root/val`` (stored as ``test``) each holding class folders. JPEG/PNG files pass through
     unchanged unless ``image_size`` asks to resize the shorter side."""
@@ -201,6 +202,9 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
             found = sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_EXTS) \
                 if (d / cls).is_dir() else []
             items += [(p, label) for p in found[:per_class]]
+        # Written in a seeded random order, so that shards mix classes (the folders are
+        # grouped by class) and a cap keeps a sample of every class.
+        random.Random(f"{seed}/{split}").shuffle(items)
         cap = num_samples if split == "train" else num_test_samples
         files[split] = items[:cap] if cap is not None else items
     if not files["train"]:

@@ -1,10 +1,13 @@
 """Streaming input from shards: training (shuffled, infinite, multi-crop) and evaluation
 (deterministic, every sample exactly once).
 
-A *reader* is one (rank, dataloader worker) pair. Readers get disjoint shards; when there are
-fewer shards than readers every reader walks all shards and keeps every n-th sample instead, so
-no reader is ever empty. The training stream repeats its shards, and the loader cuts each epoch
-to the same number of steps on every rank (DDP needs equal step counts).
+A *reader* is one (rank, dataloader worker) pair. Each reader gets an equal share of the
+samples: the shards are dealt out whole as far as they divide evenly, and the remaining shards
+(all of them when there are fewer shards than readers) are read by every reader, each keeping
+every n-th sample. The training stream makes one shuffled pass over its share per cycle, so an
+epoch of ``samples // global batch`` steps sees each sample at most once, whatever the ratio of
+shards to readers; the loader cuts each epoch to the same number of steps on every rank (DDP
+needs equal step counts).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import itertools
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Collection, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,15 +54,30 @@ def reader_identity(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def split_shards(urls: list[str], reader: int, readers: int) -> tuple[list[str], Optional[int]]:
-    """This reader's shards, and the sample stride to apply when shards are too few to split."""
-    if len(urls) >= readers:
-        return urls[reader::readers], None
-    return list(urls), readers
+def split_shards(shards: list[tuple[str, int]], reader: int, readers: int
+                 ) -> tuple[list[str], list[str]]:
+    """This reader's own shards (read whole) and the shared rest (every reader keeps every
+    ``readers``-th sample of it): full-size shards are dealt out as far as they divide evenly,
+    the others (a short last shard, the remainder) are shared, so shares differ by at most one
+    sample."""
+    full = max(n for _, n in shards)
+    whole = [url for url, n in shards if n == full]
+    bulk = len(whole) - len(whole) % readers
+    return whole[reader:bulk:readers], whole[bulk:] + [url for url, n in shards if n != full]
 
 
-def read_samples(urls: Iterable[str], stride: Optional[int], reader: int) -> Iterator[dict]:
-    """Raw webdataset samples of the given shards; an unreadable shard is named in the error."""
+def reader_samples(own: list[str], shared: list[str], reader: int, readers: int
+                   ) -> Iterator[dict]:
+    """One pass over a reader's share: its own shards, then its stride of the shared ones (which
+    every reader must list in the same order)."""
+    yield from read_samples(own)
+    yield from read_samples(shared, readers, reader)
+
+
+def read_samples(urls: Iterable[str], stride: Optional[int] = None, reader: int = 0
+                 ) -> Iterator[dict]:
+    """Raw webdataset samples of the given shards (with ``stride``: only every ``stride``-th,
+    from ``reader``); an unreadable shard is named in the error."""
     index = 0
     for url in urls:
         try:
@@ -72,6 +90,40 @@ def read_samples(urls: Iterable[str], stride: Optional[int], reader: int) -> Ite
         except Exception as exc:  # noqa: BLE001 - any transport/tar failure means a bad shard
             raise DataError(f"shard {url}: unreadable ({exc.__class__.__name__}: {exc})"[:400]) \
                 from exc
+
+
+def stratified_subset(labels: Sequence[int], limit: Optional[int], seed: int = 0
+                      ) -> Optional[list[int]]:
+    """Indices of a seeded, class-stratified subset of ``limit`` items (classes take turns, so
+    their counts differ by at most one where they have enough items); None when ``limit`` keeps
+    everything. The same labels, limit and seed always give the same subset."""
+    if limit is None or limit >= len(labels):
+        return None
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(by_class.items())]
+    chosen: list[int] = []
+    for turn in itertools.count():
+        if len(chosen) >= limit or not any(len(q) > turn for q in queues):
+            break
+        chosen += [q[turn] for q in queues if len(q) > turn][:limit - len(chosen)]
+    return sorted(chosen)
+
+
+def stratified_keys(dataset: Dataset, split: str, limit: Optional[int], seed: int = 0
+                    ) -> Optional[frozenset[str]]:
+    """Sample keys of a class-stratified subset of ``split`` (see :func:`stratified_subset`),
+    chosen from the labels alone (one read of the shards, no image decoded); None for all."""
+    if limit is None or limit >= dataset.num_samples(split):
+        return None
+    keys, labels = [], []
+    for s in read_samples(dataset.shard_urls(split)):
+        keys.append(str(s.get("__key__")))
+        labels.append(int(s.get("cls", -1)))
+    chosen = stratified_subset(labels, limit, seed)
+    return None if chosen is None else frozenset(keys[i] for i in chosen)
 
 
 class Decoder:
@@ -154,7 +206,7 @@ class TrainStream(IterableDataset):
                  batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 1000, min_size: int = 0,
                  max_corrupt_fraction: float = 0.01) -> None:
-        self.urls = dataset.shard_urls(split)
+        self.shards = dataset.shards(split)
         self.num_classes = len(dataset.classes)
         self.transform, self.batch_size = transform, batch_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
@@ -171,19 +223,23 @@ class TrainStream(IterableDataset):
         decoder = Decoder(self.num_classes, self.min_size, self.max_corrupt_fraction)
 
         # One shard assignment per epoch (same shuffle on every reader, so it is disjoint);
-        # each pass over the reader's own shards then gets its own order.
-        urls = list(self.urls)
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
-        mine, stride = split_shards(urls, reader, readers)
+        # each pass then reads the reader's own shards in its own order, and the shared ones in
+        # an order common to all readers (their sample stride must partition the same sequence).
+        shards = list(self.shards)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        own, shared = split_shards(shards, reader, readers)
 
-        def samples() -> Iterator[DecodedSample]:
-            for cycle in itertools.count():
-                order = list(mine)
-                random.Random(f"{self.seed}/{self.epoch}/{reader}/{cycle}").shuffle(order)
-                yield from decoder(read_samples(order, stride, reader))
+        def one_pass(cycle: int) -> Iterator[DecodedSample]:
+            mine, common = list(own), list(shared)
+            random.Random(f"{self.seed}/{self.epoch}/{reader}/{cycle}").shuffle(mine)
+            random.Random(f"{self.seed}/{self.epoch}/shared/{cycle}").shuffle(common)
+            # The buffer is emptied at the end of every pass, so no sample of the next pass
+            # comes out before every sample of this one.
+            yield from _shuffle(decoder(reader_samples(mine, common, reader, readers)),
+                                max(1, self.shuffle_buffer), rng)
 
         batch, reported = [], 0
-        for s in _shuffle(samples(), max(1, self.shuffle_buffer), rng):
+        for s in itertools.chain.from_iterable(map(one_pass, itertools.count())):
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(crop_state)
                 views = self.transform(s.image)
@@ -209,9 +265,10 @@ class EvalStream(IterableDataset):
     ``{"image": (B,3,S,S), "label": (B,), "key": [...], "fg": (B,S,S) bool (if present)}``."""
 
     def __init__(self, dataset: Dataset, split: str, transform: EvalTransform, batch_size: int,
-                 *, rank: int = 0, world_size: int = 1,
-                 max_corrupt_fraction: float = 0.01) -> None:
-        self.urls = dataset.shard_urls(split)
+                 *, rank: int = 0, world_size: int = 1, max_corrupt_fraction: float = 0.01,
+                 keys: Optional[Collection[str]] = None) -> None:
+        self.keys = keys  # only these samples (e.g. a stratified subset), or all
+        self.shards = dataset.shards(split)
         self.num_classes = len(dataset.classes)
         self.transform, self.batch_size = transform, batch_size
         self.rank, self.world_size = rank, world_size
@@ -219,10 +276,13 @@ class EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         reader, readers = reader_identity(self.rank, self.world_size)
-        mine, stride = split_shards(self.urls, reader, readers)
+        own, shared = split_shards(self.shards, reader, readers)
         decoder = Decoder(self.num_classes, 0, self.max_corrupt_fraction)
         batch: list[DecodedSample] = []
-        for s in itertools.chain(decoder(read_samples(mine, stride, reader)), [None]):
+        raw = reader_samples(own, shared, reader, readers)
+        if self.keys is not None:
+            raw = (s for s in raw if str(s.get("__key__")) in self.keys)
+        for s in itertools.chain(decoder(raw), [None]):
             if s is not None:
                 batch.append(s)
             if batch and (s is None or len(batch) == self.batch_size):

@@ -19,14 +19,13 @@ class Features:
 
 @torch.no_grad()
 def extract_features(backbone: MaskedViT, batches: Iterable[dict], *, n_last_blocks: int = 1,
-                     device: Optional[torch.device] = None, limit: Optional[int] = None,
+                     device: Optional[torch.device] = None,
                      autocast_dtype: Optional[torch.dtype] = None) -> Features:
-    """[CLS] features of every image in ``batches`` (EvalStream layout), at most ``limit``."""
+    """[CLS] features of every image in ``batches`` (EvalStream layout)."""
     device = device or next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     feats, labels, keys = [], [], []
-    count = 0
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
     for batch in batches:
@@ -35,12 +34,6 @@ def extract_features(backbone: MaskedViT, batches: Iterable[dict], *, n_last_blo
             feats.append(backbone.cls_features(images, n_last_blocks).float().cpu())
         labels.append(batch["label"])
         keys += batch["key"]
-        count += len(images)
-        if limit is not None and count >= limit:
-            break
     backbone.train(was_training)
-    features, label_t = torch.cat(feats), torch.cat(labels)
-    if limit is not None:
-        features, label_t, keys = features[:limit], label_t[:limit], keys[:limit]
-    return Features(features, label_t, keys)
+    return Features(torch.cat(feats), torch.cat(labels), keys)
 

@@ -22,7 +22,7 @@ from torch import nn
 from attmask.config import Config, ModelConfig, from_dict
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.sources import check_image_npz
-from attmask.data.stream import EvalStream, make_loader
+from attmask.data.stream import EvalStream, make_loader, stratified_keys, stratified_subset
 from attmask.data.transforms import EvalTransform
 from attmask.engine import load_checkpoint, resolve_device
 from attmask.errors import DataError, UserError
@@ -132,15 +132,20 @@ def describe(m: ModelConfig) -> str:
     return f"{m.arch} (dim {dim}, depth {depth}, {heads} heads, patch {m.patch_size}, {m.image_size} px)"
 
 
-def npz_batches(path: Path, transform: EvalTransform, batch_size: int) -> Iterator[dict]:
-    """Batches (EvalStream layout) from one ``.npz`` file of an external robustness set."""
+def npz_batches(path: Path, transform: EvalTransform, batch_size: int,
+                limit: Optional[int] = None) -> Iterator[dict]:
+    """Batches (EvalStream layout) from one ``.npz`` file of an external robustness set; with
+    ``limit``, a class-stratified subset of that many images."""
     with np.load(path, allow_pickle=False) as z:
         images, labels = z["images"], z["labels"]
-    for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+    index = stratified_subset(labels.tolist(), limit)
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    for start in range(0, len(index), batch_size):
+        rows = index[start:start + batch_size]
+        chunk = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
         yield {"image": torch.stack([transform(img) for img in chunk]),
-               "label": torch.from_numpy(labels[start:start + batch_size]).long(),
-               "key": [f"{path.stem}{i:07d}" for i in range(start, start + len(chunk))]}
+               "label": torch.from_numpy(labels[rows]).long(),
+               "key": [f"{path.stem}{i:07d}" for i in rows]}
 
 
 class Evaluator:
@@ -226,21 +231,22 @@ class Evaluator:
         limit = (self.options.max_train_samples if split in ("train", "rob:train_original")
                  else self.options.max_test_samples)
         source = str(self.robustness_set) if split.startswith("rob:") else self.dataset.root
-        key = json.dumps([self.model_id, source, split, blocks, limit,
+        key = json.dumps([self.model_id, source, split, blocks, limit, "stratified",
                           self.cfg.model.image_size, manifest_id(self.dataset)])
         path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if path.is_file():
             cached = torch.load(path, weights_only=True)
             return Features(cached["features"], cached["labels"], cached["keys"])
+        # A cap takes a class-stratified subset (fixed seed), never the first images read.
         if split.startswith("rob:"):
             batches = npz_batches(self.robustness_set / f"{split[4:]}.npz", self.transform,
-                                  self.options.batch_size)
+                                  self.options.batch_size, limit)
         else:
             stream = EvalStream(self.dataset, split, self.transform, self.options.batch_size,
-                                max_corrupt_fraction=self.cfg.data.max_corrupt_fraction)
+                                max_corrupt_fraction=self.cfg.data.max_corrupt_fraction,
+                                keys=stratified_keys(self.dataset, split, limit))
             batches = make_loader(stream, 0)
-        feats = extract_features(self.model, batches, n_last_blocks=blocks,
-                                 device=self.device, limit=limit)
+        feats = extract_features(self.model, batches, n_last_blocks=blocks, device=self.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"features": feats.features, "labels": feats.labels, "keys": feats.keys}, tmp)
