@@ -25,7 +25,7 @@ CHECKPOINT_GLOB = "step_*.pt"
 # adds knn_top1 and knn_top5 when it runs, and patch_loss exists with the iBOT loss only.
 LOOP_METRICS = ("loss", "cls_loss", "patch_loss", "teacher_flatness", "masked_fraction", "lr",
                 "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s", "train_s",
-                "step", "epoch")
+                "small_images", "step", "epoch")
 KNN_METRICS = ("knn_top1", "knn_top5")
 
 
@@ -76,6 +76,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     global_batch = cfg.train.batch_size_per_worker * world_size
     skipped: set[str] = set()  # distinct corrupt samples (each epoch reads them again)
     floats, knn = {}, {}
+    small = 0  # images smaller than the global crop, upsampled (counted per read)
     if monitor is not None and monitor.available and engine.step == 0:
         # The untrained network's score is the baseline every later point is read against.
         init = monitor(engine.teacher.backbone, engine.device)
@@ -90,6 +91,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                                    world_size=world_size, skip=engine.step % steps):
             metrics = engine.train_step(batch["global"], batch["local"])
             skipped.update(batch["skipped"])
+            small += batch["small"]
             fault = (cfg.train.inject_fault_at_step == engine.step
                      and rank == cfg.train.inject_fault_rank)
             if fault and cfg.train.inject_fault_kind == "nan":
@@ -109,7 +111,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                 rate = (engine.step - start_step) * global_batch / max(elapsed, 1e-9)
                 eta = (last - engine.step) * global_batch / max(rate, 1e-9)
                 floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1,
-                              train_s=elapsed, **knn)
+                              train_s=elapsed, small_images=small, **knn)
                 knn = {}  # logged at the step it was measured, not repeated after it
                 hooks.log(floats)
                 if rank == 0:

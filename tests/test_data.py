@@ -26,7 +26,7 @@ from attmask.data.stream import (
     train_batches,
 )
 from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
-from attmask.data.transforms import EvalTransform, MultiCropTransform
+from attmask.data.transforms import MEAN, STD, EvalTransform, MultiCropTransform
 from attmask.errors import DataError
 from conftest import tiny_config
 
@@ -336,6 +336,22 @@ def test_caps_take_a_class_stratified_subset_not_the_first_images(tmp_path):
     assert stratified_subset([0, 0, 0, 1], 2) in ([0, 3], [1, 3], [2, 3])
 
 
+def test_eval_view_is_the_official_resize_and_centre_crop():
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)  # landscape, larger than 32
+    fg = torch.zeros(48, 64, dtype=torch.bool)
+    fg[:, :8] = True  # a stripe at the left edge, outside the centre crop
+    t = EvalTransform(32)
+    expected = v2.functional.center_crop(v2.functional.resize(
+        image, 36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), [32, 32])
+    assert torch.equal(t(image), v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                             v2.Normalize(MEAN, STD)])(expected))
+    assert t.mask(fg).shape == (32, 32) and not t.mask(fg).any()  # the aspect ratio is kept
+    small = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)  # already at the input size
+    assert t(small).shape == (3, 32, 32)
+
+
 def test_train_batches_have_the_engine_layout(synthetic_dir):
     ds = load_dataset(synthetic_dir)
     stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=3), 5)
@@ -466,12 +482,12 @@ def test_label_outside_classes_is_an_error(tmp_path):
         eval_all(ds)
 
 
-def test_image_smaller_than_global_crop_is_an_error(tmp_path):
-    ds = write_raw_shards(tmp_path / "d", [good(0, size=16)], size=16)
-    stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=0), 1,
+def test_image_smaller_than_global_crop_is_upsampled_and_counted(tmp_path):
+    ds = write_raw_shards(tmp_path / "d", [good(0, size=16), good(1, size=32)], size=16)
+    stream = TrainStream(ds, "train", MultiCropTransform(32, 16, local_number=0), 2,
                          min_size=32)
-    with pytest.raises(DataError, match="smaller than the crop size 32"):
-        next(iter(make_loader(stream, 0)))
+    batch = next(iter(make_loader(stream, 0)))
+    assert batch["global"].shape == (2, 2, 3, 32, 32) and batch["small"] == 1
 
 
 def test_empty_or_unknown_split_is_an_error(tmp_path):

@@ -39,6 +39,7 @@ class DecodedSample:
     image: torch.Tensor  # uint8 (3, H, W)
     label: int
     fg: Optional[torch.Tensor]  # bool (H, W) or None
+    small: bool = False  # smaller than the global crop: the random resized crop upsamples it
 
 
 def stream_url(url: str) -> str:
@@ -155,10 +156,8 @@ class Decoder:
             if not 0 <= label < self.num_classes:
                 raise DataError(f"sample {key}: label {label} outside the manifest's "
                                 f"{self.num_classes} classes")
-            if min(image.shape[1:]) < self.min_size:
-                raise DataError(f"sample {key}: image {tuple(image.shape[1:])} is smaller than "
-                                f"the crop size {self.min_size} (model.image_size)")
-            yield DecodedSample(str(s.get("__key__")), image, label, fg)
+            yield DecodedSample(str(s.get("__key__")), image, label, fg,
+                                min(image.shape[1:]) < self.min_size)
         self._check_share("end of stream", at_end=True)
 
     def _skip(self, key: str, exc: Exception) -> None:
@@ -199,8 +198,10 @@ def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[An
 
 class TrainStream(IterableDataset):
     """Infinite multi-crop batches for one rank: ``{"global": (2,B,3,S,S), "local": (L,B,3,s,s),
-    "label": (B,), "key": [...], "skipped": [...]}``; ``skipped`` names the corrupt samples first
-    found since the last batch (a sample re-read on a later pass is not named again)."""
+    "label": (B,), "key": [...], "skipped": [...], "small": int}``; ``skipped`` names the corrupt
+    samples first found since the last batch (a sample re-read on a later pass is not named
+    again); ``small`` counts the images smaller than ``min_size`` (upsampled by the crop, as in
+    the official code, instead of stopping a long run)."""
 
     def __init__(self, dataset: Dataset, split: str, transform: MultiCropTransform,
                  batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -244,12 +245,13 @@ class TrainStream(IterableDataset):
                 torch.set_rng_state(crop_state)
                 views = self.transform(s.image)
                 crop_state = torch.get_rng_state()
-            batch.append((views, s.label, s.key))
+            batch.append((views, s.label, s.key, s.small))
             if len(batch) == self.batch_size:
                 yield {"global": _stack_views([b[0][0] for b in batch]),
                        "local": _stack_views([b[0][1] for b in batch]),
                        "label": torch.tensor([b[1] for b in batch]),
-                       "key": [b[2] for b in batch], "skipped": decoder.bad[reported:]}
+                       "key": [b[2] for b in batch], "skipped": decoder.bad[reported:],
+                       "small": sum(b[3] for b in batch)}
                 batch, reported = [], len(decoder.bad)
 
 

@@ -53,16 +53,28 @@ class MultiCropTransform:
 
 
 class EvalTransform:
-    """Resize to ``size`` (bicubic) and normalise; the foreground mask follows with nearest."""
+    """The evaluation view of the official k-NN and linear protocols (DINO ``eval_knn.py``):
+    an image larger than ``size`` has its shorter side resized to ``size * 256 / 224`` (bicubic)
+    and is centre-cropped to ``size``; an image no larger than ``size`` (CIFAR-10 at 32 px for a
+    32 px model) is resized to ``size`` x ``size``. Then normalised. The foreground mask follows
+    the same geometry with nearest-neighbour resizing."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.image = v2.Compose([v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC,
-                                           antialias=True), _finish()])
+        self.resize_to = int(size * 256 / 224)
+        self.finish = _finish()
+
+    def _geometry(self, image: torch.Tensor, mode: v2.InterpolationMode) -> torch.Tensor:
+        antialias = mode != v2.InterpolationMode.NEAREST
+        if min(image.shape[-2:]) <= self.size:
+            return v2.functional.resize(image, [self.size, self.size], interpolation=mode,
+                                        antialias=antialias)
+        image = v2.functional.resize(image, self.resize_to, interpolation=mode,
+                                     antialias=antialias)
+        return v2.functional.center_crop(image, [self.size, self.size])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.image(image)
+        return self.finish(self._geometry(image, v2.InterpolationMode.BICUBIC))
 
     def mask(self, fg: torch.Tensor) -> torch.Tensor:
-        return v2.functional.resize(fg[None].to(torch.uint8), [self.size, self.size],
-                                    interpolation=v2.InterpolationMode.NEAREST)[0].bool()
+        return self._geometry(fg[None].to(torch.uint8), v2.InterpolationMode.NEAREST)[0].bool()
