@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,17 @@ import yaml
 from attmask.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESET_DIR = REPO_ROOT / "configs"
+
+
+def shipped(name: str) -> Path:
+    """``configs/`` or ``tune_configs/``: the checkout's own, or, in an installed copy (``pip
+    install .``, a cluster image), the one the wheel installed under ``<prefix>/share/attmask``."""
+    checkout = REPO_ROOT / name
+    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "attmask" / name
+
+
+PRESET_DIR = shipped("configs")
+SEARCH_DIR = shipped("tune_configs")
 # Names that become folder names and MLflow tag values: no separators, quotes or spaces.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")

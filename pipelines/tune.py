@@ -35,7 +35,15 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from attmask.config import REPO_ROOT, Config, from_dict, load_config, parse_override, set_dotted
+from attmask.config import (
+    PRESET_DIR,
+    SEARCH_DIR,
+    Config,
+    from_dict,
+    load_config,
+    parse_override,
+    set_dotted,
+)
 from attmask.errors import ConfigError, UserError
 from attmask.train import KNN_METRICS, LOOP_METRICS
 
@@ -73,6 +81,8 @@ class TuneSpec:
 def load_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) -> tuple[TuneSpec, Config]:
     """Read, validate and resolve a search file; returns the spec and the base config."""
     path = Path(path)
+    if not path.is_file() and (SEARCH_DIR.parent / path).is_file():
+        path = SEARCH_DIR.parent / path  # tune_configs/NAME.yaml of an installed copy
     if not path.is_file():
         raise ConfigError(f"search file not found: {path}")
     try:
@@ -106,7 +116,7 @@ def load_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) -> tu
 
 def base_config(spec: TuneSpec) -> Config:
     base = spec.base
-    candidate = REPO_ROOT / base
+    candidate = PRESET_DIR.parent / base  # configs/NAME.yaml, in a checkout or installed
     as_path = base.endswith((".yaml", ".yml"))
     overrides = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
     try:
