@@ -144,3 +144,16 @@ def test_head_batch_norm_spreads_nearly_identical_inputs():
         z = head.project(x)
         spread[bn] = (z @ z.T).mean().item()  # mean cosine between the images
     assert spread[False] > 0.999 and spread[True] < 0.5
+
+
+def test_head_logits_are_fp32_under_bf16_autocast():
+    head = IBOTHead(16, 64, hidden_dim=32, bottleneck_dim=8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = head(x)
+    assert logits.dtype == torch.float32
+    exact = head.last_layer(head.project(x).float())  # the same bottleneck, fp32 throughout
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = head.project(x)
+    assert torch.allclose(logits, head.last_layer(z), atol=0) and z.dtype == torch.bfloat16
+    assert (logits - exact).abs().max() < 0.02  # only the bf16 MLP differs, not the last layer

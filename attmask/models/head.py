@@ -19,8 +19,12 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.weight_v
-        return F.linear(x, self.weight_g * v / v.norm(dim=1, keepdim=True))
+        # Always in fp32, also under bf16/fp16 autocast: the logits are divided by a teacher
+        # temperature of 0.04 before the softmax, which would turn bf16's step of about 0.004
+        # near 1 into 0.1 and blur the targets.
+        with torch.autocast(x.device.type, enabled=False):
+            v = self.weight_v.float()
+            return F.linear(x.float(), self.weight_g.float() * v / v.norm(dim=1, keepdim=True))
 
 
 class IBOTHead(nn.Module):
