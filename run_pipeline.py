@@ -55,7 +55,7 @@ def load_cfg(args):
 
 
 def cmd_pretrain_local(args) -> int:
-    from attmask.engine import resolve_device
+    from attmask.runtime import resolve_device
     from attmask.train import pretrain_local
 
     cfg = load_cfg(args)
@@ -140,8 +140,8 @@ def cmd_bench_step(args) -> int:
 
     from attmask import masking
     from attmask.bench import bench_step
-    from attmask.engine import resolve_device
     from attmask.errors import ConfigError
+    from attmask.runtime import resolve_device
 
     cfg = load_cfg(args)
     if args.precision:

@@ -7,7 +7,6 @@ their spread, so the ratios hold up on a noisy machine. Only torch and timm are 
 """
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import time
@@ -19,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from attmask.config import Config
 from attmask.engine import Engine, build_net
 from attmask.masking import make_masker
+from attmask.runtime import describe_device
 
 
 def _sync(device: torch.device) -> None:
@@ -47,12 +47,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, reps
     a @ b
     times = [_timed(lambda: a @ b, device) for _ in range(reps)]
     return 2 * size ** 3 / statistics.median(times) / 1e9
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def _stats(times: list[float], images: int) -> dict:

@@ -7,10 +7,8 @@ hot path except the boolean gather of masked tokens; metrics stay tensors until 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,10 +18,17 @@ import torch
 from torch import nn
 
 from attmask.config import Config, ModelConfig
-from attmask.errors import CheckpointError, ConfigError, UserError
+from attmask.errors import ConfigError, UserError
 from attmask.loss import IBOTLoss
 from attmask.masking import make_masker
 from attmask.models import IBOTHead, MultiCropNet, build_backbone
+from attmask.runtime import (
+    cosine_schedule,
+    load_checkpoint,
+    resolve_device,
+    resolve_precision,
+    step_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +36,6 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; training stops, the last checkpoint is left intact. The
     cure is in the config (learning rate, precision), so the CLI reports it as one line."""
-
-
-def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0, warmup_start: float = 0.0) -> np.ndarray:
-    """Per-iteration values: linear warm-up from ``warmup_start``, then cosine to ``final``."""
-    total = epochs * steps_per_epoch
-    warm = min(int(warmup_epochs * steps_per_epoch), total)
-    warmup = np.linspace(warmup_start, base, warm, endpoint=False)
-    t = np.arange(total - warm)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
-    return np.concatenate([warmup, cosine])
-
-
-def resolve_device(device: Optional[str] = None) -> torch.device:
-    """``device`` (cpu, cuda, cuda:N) checked against this machine; default: cuda when present."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device}: not a device; allowed: cpu, cuda, cuda:N") from exc
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: allowed: cpu, cuda, cuda:N")
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (resolved.index or 0) >= count:
-            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s)")
-    return resolved
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
-    if device.type == "cuda":
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return precision
-    cpu_bf16 = torch.cpu._is_avx512_bf16_supported()
-    if precision == "auto":
-        return "bf16" if cpu_bf16 else "fp32"
-    if precision == "fp16":  # the gradient scaler path is for GPUs; degrade instead of failing
-        fallback = "bf16" if cpu_bf16 else "fp32"
-        log.warning("train.precision=fp16 needs a CUDA GPU; using %s on CPU", fallback)
-        return fallback
-    return precision
 
 
 @dataclass
@@ -304,33 +265,6 @@ class Engine:
         state = load_checkpoint(path, self.device)
         self.load_state_dict(state)
         return state
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint without running pickled code; any other content is a user error that
-    says what was found (a checkpoint that needs code to load is refused, never executed)."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint not found: {path}") from exc
-    except Exception as exc:  # noqa: BLE001 - torn files, foreign formats, pickled code
-        text = str(exc)
-        code = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
-        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-        reason = (f"contains code references: {', '.join(code)}" if code else
-                  f"refused by the safe loader: {refused.group(1)[:160]}" if refused else
-                  f"{exc.__class__.__name__}: {text.splitlines()[0][:160] if text else 'unreadable'}")
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason})") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a "
-                              "training checkpoint (a dict of state)")
-    return state
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one (run seed, rank, step); distinct tuples give unrelated seeds."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @torch.no_grad()

@@ -16,9 +16,10 @@ import torch
 from attmask.config import Config
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import steps_per_epoch, train_batches
-from attmask.engine import Engine, check_finite, load_checkpoint
+from attmask.engine import Engine, check_finite
 from attmask.errors import ConfigError, DataError, Interrupted
 from attmask.monitor import OnlineKnn
+from attmask.runtime import load_checkpoint
 
 CHECKPOINT_GLOB = "step_*.pt"
 # What every logged step reports (a search's metric must be one of these); the online monitor
@@ -168,6 +169,24 @@ def latest_intact_checkpoint(directory: Path, device: torch.device,
     return None
 
 
+def keep_history_until(path: Path, step: int) -> None:
+    """Drop the metric lines after ``step`` (the checkpoint a run resumes from) and a torn last
+    line, so the resumed run's replay leaves one entry per step."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if entry.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def latest_step(directory: Path) -> Optional[int]:
     found = sorted(directory.glob(CHECKPOINT_GLOB))
     return int(found[-1].stem.removeprefix("step_")) if found else None
@@ -200,6 +219,7 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
         resumed_from = engine.step
         log(f"resuming {run_dir.name} from step {engine.step} (epoch {engine.epoch})")
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_history_until(run_dir / "metrics.jsonl", resumed_from or 0)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     log(f"run {run_dir} | {cfg.masking.strategy} | {engine.total_steps} steps "
         f"({cfg.train.epochs} epochs x {engine.steps_per_epoch}) | device {engine.device} "
@@ -208,12 +228,14 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
     pending: list[dict] = []  # metrics become durable with the checkpoint of their step
 
     def checkpoint(engine: Engine, metrics: dict) -> None:
-        engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
-        for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-cfg.train.checkpoint_keep]:
-            old.unlink()
+        # History first, then the checkpoint: a kill in between leaves steps past the last
+        # checkpoint in the file, which the resume drops (keep_history_until) and replays.
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.writelines(json.dumps(m) + "\n" for m in pending)
         pending.clear()
+        engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
+        for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-cfg.train.checkpoint_keep]:
+            old.unlink()
 
     try:
         result = run_loop(engine, dataset, cfg, Hooks(checkpoint=checkpoint, log=pending.append),

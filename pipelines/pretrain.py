@@ -252,7 +252,7 @@ def train_worker(loop_config: dict) -> dict:
                             log=pending.append if rank == 0 else (lambda m: None), fault=fault),
                       rank=rank, world_size=world,
                       print_fn=print if rank == 0 else (lambda s: None))
-    from attmask.bench import describe_device
+    from attmask.runtime import describe_device
 
     out = {"steps": result.steps, "metrics": result.final_metrics,
            "device": f"{describe_device(engine.device)}, {engine.precision}, {world} worker(s)"}

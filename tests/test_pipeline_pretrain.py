@@ -11,8 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from attmask.engine import NonFiniteLossError, load_checkpoint
+from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError
+from attmask.runtime import load_checkpoint
 from conftest import tiny_config
 from pipelines.pretrain import run_pretrain, validate_cluster
 

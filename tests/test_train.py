@@ -9,9 +9,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from attmask.engine import NonFiniteLossError, StepMetrics, load_checkpoint
+from attmask.engine import NonFiniteLossError, StepMetrics
 from attmask.errors import ConfigError, DataError
-from attmask.train import KNN_METRICS, LOOP_METRICS, pretrain_local
+from attmask.runtime import load_checkpoint
+from attmask.train import KNN_METRICS, LOOP_METRICS, keep_history_until, pretrain_local
 from conftest import ROOT, tiny_config, tiny_yaml
 
 
@@ -155,3 +156,11 @@ def test_interrupt_prints_one_line_saying_where_it_resumes(synthetic_dir, tmp_pa
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("interrupted at step ") and "resumes" in lines[0]
     assert str(tmp_path / "stopped") in lines[0]
+
+
+def test_resume_drops_history_past_the_checkpoint_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(7))
+                    + '{"step": 7, "lo')
+    keep_history_until(path, 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2, 3, 4]

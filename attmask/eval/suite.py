@@ -24,7 +24,6 @@ from attmask.data.shards import Dataset, load_dataset
 from attmask.data.sources import check_image_npz
 from attmask.data.stream import EvalStream, make_loader, stratified_keys, stratified_subset
 from attmask.data.transforms import EvalTransform
-from attmask.engine import load_checkpoint, resolve_device
 from attmask.errors import DataError, UserError
 from attmask.eval.attention import attention_on_object
 from attmask.eval.baselines import baseline_id, baseline_model
@@ -33,6 +32,7 @@ from attmask.eval.fewshot import fewshot_knn
 from attmask.eval.knn import knn_accuracy
 from attmask.eval.linear import accuracy, confusion_matrix, train_probe
 from attmask.models.vit import MaskedViT, build_backbone
+from attmask.runtime import load_checkpoint, resolve_device
 
 SUITE = ["knn", "linear", "fewshot", "robustness", "attention"]
 VARIANT_PREFIX = "test_"
