@@ -213,6 +213,15 @@ def train_worker(loop_config: dict) -> dict:
     def on_checkpoint(engine: Engine, metrics: dict) -> None:
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         report["epoch"] = engine.step / engine.steps_per_epoch
+        if logger is not None:
+            # The steps this checkpoint covers are sent before it is reported (waiting at most
+            # the tracking timeout), so a crash right after the report loses none of them; a
+            # crash before it replays them, with the same values (resume is exact).
+            for m in pending:
+                logger.metrics({k: v for k, v in m.items() if k not in ("step", "end_of_epoch")},
+                               step=int(m["step"]))
+            pending.clear()
+            logger.flush(cfg.tracking.timeout_s)
         with tempfile.TemporaryDirectory() as d:
             saved = None
             if rank == 0:  # every rank holds the same state after DDP; one copy is enough
@@ -221,10 +230,6 @@ def train_worker(loop_config: dict) -> dict:
             ray.train.report(report, checkpoint=saved)
         if logger is None:
             return
-        for m in pending:  # durable now: a crash resumes after these steps
-            logger.metrics({k: v for k, v in m.items() if k not in ("step", "end_of_epoch")},
-                           step=int(m["step"]))
-        pending.clear()
         epoch = round(report["epoch"])
         every = cfg.tracking.log_images_every_epochs
         if (viz_batch is not None and metrics.get("end_of_epoch")

@@ -165,6 +165,7 @@ class AsyncRunLogger:
             except queue.Full:
                 try:
                     self.queue.get_nowait()
+                    self.queue.task_done()
                     self.dropped += 1
                 except queue.Empty:
                     pass
@@ -175,6 +176,7 @@ class AsyncRunLogger:
         while True:
             item = self.queue.get()
             if item is None:
+                self.queue.task_done()
                 return
             try:
                 kind = item[0]
@@ -196,6 +198,19 @@ class AsyncRunLogger:
                 if self.errors == 1:
                     log.warning("MLflow logging failed (%s); training continues, further "
                                 "failures are counted", self.last_error)
+            finally:
+                self.queue.task_done()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until everything queued so far has been sent."""
+        deadline = time.monotonic() + timeout_s
+        with self.queue.all_tasks_done:
+            while self.queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.queue.all_tasks_done.wait(remaining)
+        return True
 
     def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Flush (bounded in time) and return the failure counts."""
