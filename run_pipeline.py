@@ -139,9 +139,9 @@ def cmd_bench_step(args) -> int:
     import torch
 
     from attmask import masking
-    from attmask.bench import bench_step
     from attmask.errors import ConfigError
     from attmask.runtime import resolve_device
+    from attmask.speed import bench_step
 
     cfg = load_cfg(args)
     if args.precision:
@@ -162,6 +162,33 @@ def cmd_bench_step(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
     print(text)
+    return 0
+
+
+def cmd_device_check(args) -> int:
+    import platform
+
+    import torch
+
+    from attmask.config import load_config
+    from attmask.runtime import resolve_device
+    from attmask.speed import device_check
+
+    device = resolve_device(args.device)
+    if args.quick:  # the reduced mode the tests run on a CPU: the same code, seconds
+        tiny = load_config("tiny-cpu", overrides=["model.depth=2", "train.batch_size_per_worker=8"])
+        plan = dict(full_configs={"tiny-cpu": tiny}, pretrain_cfg=tiny, steps=1, warmup=1,
+                    pretrain_steps=3)
+    else:
+        paper = load_config("paper-20pct-in1k")
+        plan = dict(full_configs={"vit-tiny-224": load_config("vit-tiny-224"),
+                                  "vit-small-224": paper}, pretrain_cfg=paper)
+    result = device_check(**plan, device=device)
+    result.update(quick=args.quick, torch=torch.__version__, python=platform.python_version(),
+                  command=" ".join(["python run_pipeline.py device-check", *sys.argv[2:]]))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"done: {args.json}")
     return 0
 
 
@@ -186,8 +213,8 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_bench_data(args) -> int:
-    from attmask.bench import bench_data
     from attmask.config import load_config
+    from attmask.speed import bench_data
 
     tiny = load_config("tiny-cpu")
     settings = {
@@ -265,6 +292,14 @@ def build_parser() -> Parser:
     p.add_argument("--device")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=cmd_bench_step)
+
+    p = sub.add_parser("device-check", help="figures to record on a new machine (a GPU): "
+                                            "bench-step fp32/bf16 and a short library-level "
+                                            "pretraining run, as one JSON (needs torch and timm)")
+    p.add_argument("--quick", action="store_true", help="reduced CPU run, seconds (the tests)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--json", default="device_check.json", help="where to write the figures")
+    p.set_defaults(func=cmd_device_check)
 
     p = sub.add_parser("prepare-data", help="write WebDataset shards and a manifest")
     p.add_argument("--source", required=True, help="synthetic, cifar10, npz or imagefolder")

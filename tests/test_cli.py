@@ -172,3 +172,38 @@ def test_overrides_may_come_anywhere_among_the_flags():
     assert args.overrides == ["train.epochs=1", "train.run_name=x"] and args.max_steps == 1
     with pytest.raises(SystemExit):
         parse(build_parser(), ["pretrain-local", "--max-steps", "1", "--bogus"])
+
+
+def test_device_check_quick_mode_writes_every_figure(capsys, tmp_path):
+    out = tmp_path / "check.json"
+    code, stdout, err = run_main(capsys, "device-check", "--quick", "--device", "cpu",
+                                 "--json", str(out))
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result["bench_step"]) == {"tiny-cpu/fp32", "tiny-cpu/bf16"}
+    for figures in result["bench_step"].values():
+        assert figures["random"]["images_per_s"] > 0 and figures["attmask_high"]["images_per_s"] > 0
+        assert figures["bound_images_per_s"] > 0
+    p = result["pretrain"]
+    assert p["steps"] == 3 and p["all_finite"] and 0 < p["masked_fraction_mean"] < 0.5
+    assert 0 < p["teacher_flatness_last"] <= 1 and p["images_per_s_with_crops_on_cpu"] > 0
+
+
+def test_device_check_and_bench_step_need_only_torch_and_timm(tmp_path):
+    """The GPU machine has torch and timm but not ray, mlflow or webdataset."""
+    script = f"""
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "mlflow", "webdataset"):
+            raise ImportError(f"{{name}} is not installed here")
+sys.meta_path.insert(0, Absent())
+sys.path.insert(0, {str(ROOT)!r})
+from run_pipeline import main
+assert main(["device-check", "--quick", "--device", "cpu", "--json", {str(tmp_path / "c.json")!r}]) == 0
+assert main(["bench-step", "--preset", "tiny-cpu", "--steps", "1", "--warmup", "0",
+             "--strategies", "random", "model.depth=1"]) == 0
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]

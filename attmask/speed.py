@@ -1,5 +1,5 @@
-"""Speed measurements: ``bench-step`` (training step per masking strategy) and ``bench-data``
-(decode + multi-crop throughput).
+"""Speed measurements: ``bench-step`` (training step per masking strategy), ``bench-data``
+(decode + multi-crop throughput) and ``device-check`` (the figures to record on a new machine).
 
 ``bench-step`` interleaves the strategies (and a plain timm forward+backward of the same
 backbone, the bound) step by step in one process, drops warm-up steps and reports medians with
@@ -7,6 +7,8 @@ their spread, so the ratios hold up on a noisy machine. Only torch and timm are 
 """
 from __future__ import annotations
 
+import copy
+import math
 import resource
 import statistics
 import time
@@ -159,4 +161,73 @@ def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches:
         rate = batches * batch_size / (time.perf_counter() - start)
         out["settings"][name] = {**s, "images_per_s": rate}
         log(f"{name}: {rate:.1f} images/s ({workers} workers)")
+    return out
+
+
+def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps: int = 5,
+                 warmup: int = 2, pretrain_steps: int = 20, device: Optional[torch.device] = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """The figures to record the first time a machine (a GPU) is available, in one dictionary:
+    ``bench-step`` of each config in fp32 and bf16 (images/s, fraction of the plain-timm bound,
+    peak memory), then a short pretraining run of ``pretrain_cfg`` on generated images (no Ray,
+    no shards: the library alone), whose loss, masks and teacher targets should behave as on a
+    CPU. Needs only torch, timm and this package."""
+    from attmask.data.synthetic import ObjectsOnBackgrounds
+    from attmask.data.transforms import MultiCropTransform
+
+    out: dict = {"bench_step": {}, "pretrain": {}}
+    for name, cfg in full_configs.items():
+        for precision in ("fp32", "bf16"):
+            c = copy.deepcopy(cfg)
+            c.train.precision = precision
+            r = bench_step(c, ["random", "attmask_high"], steps=steps, warmup=warmup,
+                           device=device, log=lambda s: None)
+            out["device"] = r["device"]
+            out["bench_step"][f"{name}/{precision}"] = {
+                "precision": r["precision"], "batch": r["config"]["batch"],
+                "plain_backbone_images_per_s": r["plain_backbone"]["images_per_s"],
+                "bound_images_per_s": r["bound_images_per_s"],
+                "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"),
+                "matmul_peak_gflop_s": r["matmul_peak_gflop_s"][precision],
+                **{s: {k: v[k] for k in ("images_per_s", "fraction_of_bound",
+                                         "achieved_gflop_s")}
+                   for s, v in r["strategies"].items()}}
+            log(f"{name} {precision}: " + ", ".join(
+                f"{s} {v['images_per_s']:.1f} img/s ({v['fraction_of_bound']:.2f} of bound)"
+                for s, v in r["strategies"].items()))
+
+    m, d = pretrain_cfg.model, pretrain_cfg.data
+    engine = Engine(pretrain_cfg, steps_per_epoch=pretrain_steps, device=device)
+    images = ObjectsOnBackgrounds(m.image_size, seed=0)
+    crops = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
+                               d.local_crops_scale, d.local_crops_number)
+    batch_size, history = pretrain_cfg.train.batch_size_per_worker, []
+    start = None
+    for step in range(pretrain_steps):
+        views = [crops(torch.from_numpy(images.sample("train", step * batch_size + i).image)
+                       .permute(2, 0, 1)) for i in range(batch_size)]
+        global_crops = torch.stack([torch.stack(v[0]) for v in views], 1)
+        local_crops = (torch.stack([torch.stack(v[1]) for v in views], 1)
+                       if d.local_crops_number else None)
+        if step == 1:  # the first step pays for kernel selection and allocation
+            _sync(engine.device)
+            start = time.perf_counter()
+        floats = engine.train_step(global_crops, local_crops).as_floats()
+        history.append({k: floats[k] for k in ("loss", "masked_fraction", "teacher_flatness")})
+    _sync(engine.device)
+    elapsed = time.perf_counter() - start if start is not None else float("nan")
+    losses = [h["loss"] for h in history]
+    out["pretrain"] = {
+        "arch": m.arch, "image_size": m.image_size, "batch": batch_size, "steps": pretrain_steps,
+        "precision": engine.precision, "first_loss": losses[0], "last_loss": losses[-1],
+        "all_finite": all(map(math.isfinite, losses)),
+        "masked_fraction_mean": statistics.mean(h["masked_fraction"] for h in history),
+        "teacher_flatness_last": history[-1]["teacher_flatness"],
+        "images_per_s_with_crops_on_cpu": (pretrain_steps - 1) * batch_size / elapsed,
+    }
+    if engine.device.type == "cuda":
+        out["pretrain"]["gpus_visible"] = torch.cuda.device_count()
+        out["pretrain"]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    log(f"pretrain {m.arch} {m.image_size}px: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"{out['pretrain']['images_per_s_with_crops_on_cpu']:.1f} img/s (crops made on the CPU)")
     return out
