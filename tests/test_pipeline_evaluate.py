@@ -67,6 +67,24 @@ def test_evaluate_needs_exactly_one_checkpoint_source(synthetic_dir, tmp_path):
         run_evaluate(cfg, data=str(synthetic_dir), mlflow_run="nope", out_dir=str(tmp_path))
 
 
+def test_unreachable_tracking_server_fails_before_any_evaluation(synthetic_dir, tiny_checkpoint,
+                                                                  tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(f"train.output_dir={tmp_path}", f"tracking.uri=http://127.0.0.1:{port}",
+                      "tracking.timeout_s=1")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+        run_evaluate(cfg, data=str(synthetic_dir), checkpoint=str(tiny_checkpoint),
+                     out_dir=str(tmp_path / "eval"))
+    assert time.perf_counter() - start < 20
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "baselines").exists()
+
+
 def test_evaluation_runs_are_keyed_by_checkpoint_content(tmp_path):
     from pipelines.evaluate import evaluation_run_name
 
