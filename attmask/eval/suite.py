@@ -148,6 +148,55 @@ def npz_batches(path: Path, transform: EvalTransform, batch_size: int,
                "key": [f"{path.stem}{i:07d}" for i in rows]}
 
 
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where one feature set's images come from: a split of the shard dataset or one ``.npz``
+    file. ``train`` sources are capped by ``max_train``, the others by ``max_test``."""
+
+    name: str
+    split: Optional[str] = None
+    npz: Optional[Path] = None
+    train: bool = False
+
+    @classmethod
+    def shards(cls, split: str) -> "FeatureSource":
+        return cls(split, split=split, train=split == "train")
+
+
+@dataclass(frozen=True)
+class RobustnessSet:
+    """Background robustness inputs (ImageNet-9 style): the images a probe is trained on and the
+    variants it is tested on, by variant name (``mixed_rand``, ...)."""
+
+    train: FeatureSource
+    variants: dict[str, FeatureSource]
+
+    @classmethod
+    def from_folder(cls, root: Path, num_classes: int, dataset_root: str | Path
+                    ) -> "RobustnessSet":
+        """``train_original.npz`` and ``test_<variant>.npz`` files, each checked (cheap: no
+        model is built)."""
+        train = root / "train_original.npz"
+        files = sorted(root.glob(f"{VARIANT_PREFIX}*.npz")) if root.is_dir() else []
+        if not train.is_file() or not files:
+            raise DataError(f"--robustness-set {root}: needs train_original.npz and at least "
+                            f"one test_<variant>.npz (found "
+                            f"{'train_original.npz' if train.is_file() else 'neither'}"
+                            f"{'' if files or not train.is_file() else ' only'})")
+        for path in [train, *files]:
+            check_image_npz(path, num_classes, dataset_root)
+        return cls(FeatureSource(train.stem, npz=train, train=True),
+                   {p.stem.removeprefix(VARIANT_PREFIX): FeatureSource(p.stem, npz=p)
+                    for p in files})
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> Optional["RobustnessSet"]:
+        """The dataset's own ``test_<variant>`` splits (the synthetic data has them)."""
+        variants = {s.removeprefix(VARIANT_PREFIX): FeatureSource.shards(s)
+                    for s in dataset.splits if s.startswith(VARIANT_PREFIX)}
+        return cls(FeatureSource.shards("train"), variants) if variants else None
+
+
 class Evaluator:
     """One model on one dataset; features are cached under ``cache_dir``.
 
@@ -165,8 +214,11 @@ class Evaluator:
         self.device = device or resolve_device()
         self.model.to(self.device)
         self.dataset: Dataset = load_dataset(data)
-        self.robustness_set = Path(robustness_set) if robustness_set else None
         self._check_data()
+        self.robustness_set = (
+            RobustnessSet.from_folder(Path(robustness_set), len(self.dataset.classes),
+                                      self.dataset.root)
+            if robustness_set else RobustnessSet.from_dataset(self.dataset))
         self.transform = EvalTransform(self.cfg.model.image_size)
         self.cache_dir = Path(cache_dir)
         self.num_classes = len(self.dataset.classes)
@@ -196,21 +248,10 @@ class Evaluator:
             if split not in ds.splits:
                 raise DataError(f"{ds.root}: the evaluation needs a '{split}' split "
                                 f"(has {', '.join(ds.splits)})")
-        if self.robustness_set is not None:
-            root = self.robustness_set
-            train = root / "train_original.npz"
-            variants = sorted(root.glob("test_*.npz")) if root.is_dir() else []
-            if not train.is_file() or not variants:
-                raise DataError(f"--robustness-set {root}: needs train_original.npz and at least "
-                                f"one test_<variant>.npz (found "
-                                f"{'train_original.npz' if train.is_file() else 'neither'}"
-                                f"{'' if variants or not train.is_file() else ' only'})")
-            for path in [train, *variants]:
-                check_image_npz(path, len(ds.classes), ds.root)
 
     # -- features ---------------------------------------------------------------------------
 
-    def features(self, split: str, blocks: int) -> Features:
+    def features(self, source: FeatureSource | str, blocks: int) -> Features:
         """Concatenated [CLS] of the last ``blocks`` blocks. One extraction (and cache entry) with
         the most blocks any part needs serves all: fewer blocks are its last columns."""
         most = max(self.options.knn_blocks, self.options.linear_blocks)
@@ -218,33 +259,36 @@ class Evaluator:
             raise ValueError(f"blocks={blocks} > {most}")
         most = min(most, self.model.max_blocks)  # a 2-block model has no 4 last blocks
         blocks = min(blocks, most)
-        cached = self._extract(split, most)
+        if isinstance(source, str):
+            source = FeatureSource.shards(source)
+        cached = self._extract(source, most)
         dim = cached.features.shape[1] // most
         features = cached.features[:, -blocks * dim:]
         if getattr(self.model, "center", False):
             if most not in self._train_mean:  # once, not a reload of the train cache per call
-                self._train_mean[most] = self._extract("train", most).features.mean(0)
+                self._train_mean[most] = self._extract(FeatureSource.shards("train"),
+                                                       most).features.mean(0)
             features = features - self._train_mean[most][-blocks * dim:]
         return Features(features, cached.labels, cached.keys)
 
-    def _extract(self, split: str, blocks: int) -> Features:
-        limit = (self.options.max_train_samples if split in ("train", "rob:train_original")
-                 else self.options.max_test_samples)
-        source = str(self.robustness_set) if split.startswith("rob:") else self.dataset.root
-        key = json.dumps([self.model_id, source, split, blocks, limit, "stratified",
+    def _extract(self, source: FeatureSource, blocks: int) -> Features:
+        limit = self.options.max_train_samples if source.train else self.options.max_test_samples
+        origin = [str(source.npz), _file_id(source.npz)] if source.npz else [self.dataset.root,
+                                                                              source.split]
+        key = json.dumps([self.model_id, *origin, blocks, limit, "stratified",
                           self.cfg.model.image_size, manifest_id(self.dataset)])
         path = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
         if path.is_file():
             cached = torch.load(path, weights_only=True)
             return Features(cached["features"], cached["labels"], cached["keys"])
         # A cap takes a class-stratified subset (fixed seed), never the first images read.
-        if split.startswith("rob:"):
-            batches = npz_batches(self.robustness_set / f"{split[4:]}.npz", self.transform,
-                                  self.options.batch_size, limit)
+        if source.npz is not None:
+            batches = npz_batches(source.npz, self.transform, self.options.batch_size, limit)
         else:
-            stream = EvalStream(self.dataset, split, self.transform, self.options.batch_size,
+            stream = EvalStream(self.dataset, source.split, self.transform,
+                                self.options.batch_size,
                                 max_corrupt_fraction=self.cfg.data.max_corrupt_fraction,
-                                keys=stratified_keys(self.dataset, split, limit))
+                                keys=stratified_keys(self.dataset, source.split, limit))
             batches = make_loader(stream, 0)
         feats = extract_features(self.model, batches, n_last_blocks=blocks, device=self.device)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,21 +297,15 @@ class Evaluator:
         tmp.replace(path)
         return feats
 
-    def variant_splits(self) -> list[str]:
-        if self.robustness_set is not None:
-            return [f"rob:{p.stem}" for p in sorted(self.robustness_set.glob("test_*.npz"))]
-        return [s for s in self.dataset.splits if s.startswith(VARIANT_PREFIX)]
-
     def prefetch(self) -> None:
         """Extract (and cache) every feature set the selected parts need."""
-        o, splits = self.options, set()
+        o, sources = self.options, set()
         if {"knn", "fewshot", "linear"} & set(o.suite):
-            splits |= {"train", "test"}
-        if "robustness" in o.suite:
-            splits |= {"rob:train_original" if self.robustness_set else "train"}
-            splits |= set(self.variant_splits())
-        for split in sorted(splits):
-            self.features(split, 1)
+            sources |= {FeatureSource.shards("train"), FeatureSource.shards("test")}
+        if "robustness" in o.suite and self.robustness_set is not None:
+            sources |= {self.robustness_set.train, *self.robustness_set.variants.values()}
+        for source in sorted(sources, key=lambda x: x.name):
+            self.features(source, 1)
 
     # -- parts --------------------------------------------------------------------------------
 
@@ -294,18 +332,17 @@ class Evaluator:
                            shots=self.options.shots)
 
     def robustness(self) -> dict:
-        variants = self.variant_splits()
-        if not variants:
+        rob = self.robustness_set
+        if rob is None:
             return {"skipped": f"{self.dataset.root} has no test_<variant> splits and no "
                                "--robustness-set was given"}
         b = self.options.linear_blocks
-        tr = self.features("rob:train_original" if self.robustness_set else "train", b)
+        tr = self.features(rob.train, b)
         probe = train_probe(tr.features, tr.labels, self.num_classes,
                             epochs=self.options.probe_epochs, lr=self.options.probe_lr)
         accs = {}
-        for split in variants:
-            name = split.split(":")[-1].removeprefix(VARIANT_PREFIX)
-            te = self.features(split, b)
+        for name, source in rob.variants.items():
+            te = self.features(source, b)
             accs[name] = accuracy(probe.model, te.features, te.labels)
         out: dict = {"variants": accs}
         if "mixed_same" in accs and "mixed_rand" in accs:
