@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict
@@ -42,7 +43,14 @@ def fetch_checkpoint(run_id: str, uri: str, out_dir: Path) -> Path:
 
 def _run_part(args: dict, part: str) -> dict:
     """Body of one Ray task: the evaluator on this worker, then one part of the suite."""
+    import ray
+    import torch
+
     from attmask.viz import attention_and_masks, confusion_png, mask_grid_png
+
+    # Ray starts task workers with one intra-op thread; use the CPUs this task was given.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
 
     ev = _evaluator(args)
     start = time.perf_counter()
@@ -89,7 +97,11 @@ def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], Non
     """Features once (cached), then every part of ``suite`` as its own task."""
     import ray
 
-    ray.get(task.remote(args, "prefetch"))  # every part below reads these cached features
+    # Feature extraction (most of the work) runs alone, on every CPU of one node; the parts
+    # that read the cached features then run side by side, one CPU each.
+    node_cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    whole_node = min(node_cpus, os.cpu_count() or 1)
+    ray.get(task.options(num_cpus=whole_node).remote(args, "prefetch"))
     parts = ray.get([task.remote(args, part) for part in suite])
     results: dict = {}
     pictures: dict[str, bytes] = {}
