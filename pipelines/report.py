@@ -208,7 +208,8 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
         Table("Few-shot k-NN (nu images per class; 1-NN for nu = 1, else 20-NN; 5 splits), %",
               ["model", *[f"nu={nu}" for nu in FEWSHOT]],
               _metric_rows(rows, strategies, [("fewshot", nu, "mean") for nu in FEWSHOT], None),
-              "— : the data has too few images per class for 5 disjoint splits"),
+              "— : no value yet (the run has not finished) or the data has too few images per "
+              "class for 5 disjoint splits"),
     ]
     variants = sorted({v for r in runs for v in r.results.get("robustness", {}).get("variants", {})})
     if variants:
