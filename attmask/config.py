@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
@@ -307,8 +307,10 @@ class Config:
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from a preset name or a YAML file plus overrides."""
+                overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset name or a YAML file plus overrides:
+    ``key=value`` strings (the command line) or a mapping of dotted keys (search and benchmark
+    files)."""
     data: dict[str, Any] = {}
     if preset is not None and path is not None:
         raise ConfigError("give either --preset or --config, not both")
@@ -316,10 +318,23 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         path = preset_path(preset)
     if path is not None:
         data = read_yaml(path)
-    for item in overrides or []:
-        key, value = parse_override(item)
+    items = (overrides.items() if isinstance(overrides, Mapping)
+             else map(parse_override, overrides or []))
+    for key, value in items:
         set_dotted(data, key, value)
     return from_dict(data).validate()
+
+
+def config_source(name: str) -> Path:
+    """The one resolver of "a preset name or a YAML file" (search and benchmark files name
+    their base this way): ``NAME`` is ``configs/NAME.yaml``; a ``.yaml`` path is taken as given
+    or, failing that, relative to where the presets live (``configs/x.yaml``)."""
+    if not name.endswith((".yaml", ".yml")):
+        return preset_path(name)
+    for candidate in (Path(name), PRESET_DIR.parent / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {name} not found")
 
 
 def preset_path(name: str) -> Path:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from attmask import masking
-from attmask.config import PRESET_DIR, Config, load_config, parse_override, read_yaml
+from attmask.config import (
+    PRESET_DIR,
+    Config,
+    config_source,
+    load_config,
+    parse_override,
+    read_yaml,
+)
 from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
 from attmask.eval.suite import SUITE, EvalOptions
@@ -131,16 +138,13 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
                 built.validate()
         except UserError as exc:
             raise ConfigError(f"{path}: {where}: {exc}") from exc
-    base = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
-    base.append(f"data.path={json.dumps(str(Path(spec.data_dir)))}")
+    base = {**spec.overrides, "data.path": str(Path(spec.data_dir))}
+    cli = dict(parse_override(o) for o in cli_overrides or [])
+    source = config_source(model_preset)
     for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
         for strategy in strategies:
-            overrides = base + [f"masking.strategy={strategy}", f"train.seed={seed}",
-                                *(cli_overrides or [])]
-            as_file = model_preset.endswith((".yaml", ".yml"))
-            spec.configs[(strategy, seed)] = load_config(
-                preset=None if as_file else model_preset, path=model_preset if as_file else None,
-                overrides=overrides)
+            spec.configs[(strategy, seed)] = load_config(path=source, overrides={
+                **base, "masking.strategy": strategy, "train.seed": seed, **cli})
     resolved = {"data": data, "evaluation": spec.evaluation,
                 "configs": {f"{s}-{seed}": c.to_dict() for (s, seed), c in spec.configs.items()}}
     spec.digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str)

@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional
 import yaml
 
 from attmask.config import (
-    PRESET_DIR,
     SEARCH_DIR,
     Config,
+    config_source,
     from_dict,
     load_config,
     parse_override,
@@ -115,16 +115,8 @@ def load_spec(path: str | Path, cli_overrides: Optional[list[str]] = None) -> tu
 
 
 def base_config(spec: TuneSpec) -> Config:
-    base = spec.base
-    candidate = PRESET_DIR.parent / base  # configs/NAME.yaml, in a checkout or installed
-    as_path = base.endswith((".yaml", ".yml"))
-    overrides = [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()]
     try:
-        if as_path:
-            if not candidate.is_file() and not Path(base).is_file():
-                raise ConfigError(f"base: config file {base} not found")
-            return load_config(path=candidate if candidate.is_file() else base, overrides=overrides)
-        return load_config(preset=base, overrides=overrides)
+        return load_config(path=config_source(spec.base), overrides=spec.overrides)
     except ConfigError as exc:
         raise ConfigError(f"base/overrides: {exc}") from exc
 
