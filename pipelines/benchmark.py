@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,7 +32,17 @@ from attmask.config import (
 from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
 from attmask.eval.suite import SUITE, EvalOptions
-from pipelines.report import Report, Rows, RunRecord, build_figures, build_tables, takeaways
+from pipelines.report import (
+    KNN,
+    LINEAR,
+    Report,
+    Rows,
+    RunRecord,
+    build_figures,
+    build_tables,
+    metric_values,
+    takeaways,
+)
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
@@ -365,9 +376,19 @@ def git_commit() -> str:
 
 
 def _log_report(uri: str, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    # Per-strategy means on the parent run, so its charts compare the strategies at a glance.
+    now = int(time.time() * 1000)
+    summary = [Metric(f"{name}/{strategy}", statistics.fmean(values), now, 0)
+               for strategy in dict.fromkeys(r.strategy for r in runs)
+               for name, path in (("knn_top1", KNN), ("linear_top1", LINEAR))
+               if (values := metric_values([r for r in runs if r.strategy == strategy
+                                            and r.error is None], path))]
+    if summary:
+        client.log_batch(parent, metrics=summary)
     client.log_artifact(parent, str(report_dir / "report.md"), "report")
     client.log_artifact(parent, str(report_dir / "report.html"), "report")
     client.log_artifacts(parent, str(report_dir / "img"), "report/img")

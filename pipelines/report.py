@@ -61,7 +61,7 @@ def _get(results: dict, path: tuple[str, ...]) -> Optional[float]:
     return float(node) if isinstance(node, (int, float)) else None
 
 
-def _values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
+def metric_values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
     return [v for r in runs if (v := _get(r.results, path)) is not None]
 
 
@@ -130,7 +130,7 @@ def _metric_rows(rows: Rows, strategies: list[str], paths: list[tuple[str, ...]]
                                                          rows.baseline_values("init", gain))])]
                           if gain else [])])
     for s in strategies:
-        out.append([s, *[mean_std(_values(rows.strategies[s], p)) for p in paths],
+        out.append([s, *[mean_std(metric_values(rows.strategies[s], p)) for p in paths],
                     *([signed(rows.gains(s, gain))] if gain else [])])
     return out
 
@@ -184,8 +184,8 @@ def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     if verdicts:
         lines.append(f"Against random masking, k-NN top-1 paired over seeds: {'; '.join(verdicts)}.")
     if "attmask_high" in strategies:
-        masked = _values(rows.strategies["attmask_high"], ("attention", "masked_on_object"))
-        share = _values(rows.strategies["attmask_high"], ("attention", "object_share"))
+        masked = metric_values(rows.strategies["attmask_high"], ("attention", "masked_on_object"))
+        share = metric_values(rows.strategies["attmask_high"], ("attention", "object_share"))
         if masked and share:
             lines.append(f"AttMask-High hides the object: {mean_std(masked)} % of its masked "
                          f"patches lie on the object, against an object share of "
@@ -222,9 +222,9 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
     if any("attention" in r.results for r in runs):
         tables.append(Table("Attention on the object, % of patches on the foreground",
                             ["strategy", "top-10% attended", "AttMask-High masked", "all patches"],
-                            [[s, mean_std(_values(rows.strategies[s], ("attention", "topk_on_object"))),
-                              mean_std(_values(rows.strategies[s], ("attention", "masked_on_object"))),
-                              mean_std(_values(rows.strategies[s], ("attention", "object_share")))]
+                            [[s, mean_std(metric_values(rows.strategies[s], ("attention", "topk_on_object"))),
+                              mean_std(metric_values(rows.strategies[s], ("attention", "masked_on_object"))),
+                              mean_std(metric_values(rows.strategies[s], ("attention", "object_share")))]
                              for s in strategies]))
     tables.append(Table("Cost per run", ["run", "wall time (s)", "train images/s", "device",
                                          "status"],

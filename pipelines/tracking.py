@@ -19,6 +19,9 @@ from attmask.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "attmask.run_name"
+# MLflow 3's UI opens an experiment without a kind on its GenAI trace view ("Traces 0"); this
+# kind opens it on runs, metrics and charts.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PACKAGES = ("torch", "torchvision", "timm", "ray", "mlflow", "webdataset")
 
 
@@ -111,6 +114,8 @@ def get_or_create_run(uri: str, cfg: Config, run_name: str, storage_path: str,
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
         cfg.tracking.experiment, artifact_location=artifact_location(uri, storage_path)))
+    if experiment is None or experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     found = client.search_runs([experiment_id], tag_filter({RUN_NAME_TAG: run_name}),
                                max_results=1)
     if found:

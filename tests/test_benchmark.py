@@ -110,6 +110,23 @@ def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
             assert (result.report_md.parent / line.split("(")[1].rstrip(")")).is_file()
 
 
+def test_parent_run_compares_strategies_and_the_experiment_opens_on_runs(bench_run):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.pretrain import storage_path
+    from pipelines.tracking import EXPERIMENT_KIND, resolve_tracking_uri
+
+    _, spec, result = bench_run
+    cfg = next(iter(spec.configs.values()))
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg, storage_path(cfg)))
+    parent = client.get_run(result.parent_run_id)
+    for r in result.runs:
+        assert parent.data.metrics[f"knn_top1/{r.strategy}"] == pytest.approx(
+            r.results["knn"]["k20"]["top1"])  # one seed: the mean is the run's value
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+
+
 def test_rerun_reuses_finished_runs(bench_run):
     tmp, spec, first = bench_run
     again = run_benchmark(load_benchmark(str(tmp / "bench.yaml")), report_root=tmp / "reports",
