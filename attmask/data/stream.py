@@ -135,6 +135,7 @@ class Decoder:
         self.max_corrupt_fraction = max_corrupt_fraction
         self.seen = self.skipped = 0  # reads, for the corrupt share (a pass re-reads)
         self.bad: list[str] = []  # distinct corrupt samples, in the order they were found
+        self._bad_keys: set[str] = set()  # the same, for a membership test without a scan
         self.last_bad = ""
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[DecodedSample]:
@@ -163,7 +164,8 @@ class Decoder:
     def _skip(self, key: str, exc: Exception) -> None:
         self.skipped += 1
         self.last_bad = key
-        if key not in self.bad:
+        if key not in self._bad_keys:
+            self._bad_keys.add(key)
             self.bad.append(key)
         if self.skipped == 1:
             log.warning("skipping corrupt sample %s (%s); further ones are only counted", key,
