@@ -34,6 +34,23 @@ def count(low: int):
     return parse
 
 
+def fault(text: str):
+    """An argparse type: ``--inject-fault STEP[:KIND[:RANK]]`` (reliability tests)."""
+    from attmask.errors import UserError
+    from pipelines.faults import FaultInjection
+
+    try:
+        return FaultInjection.parse(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
+def add_fault_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inject-fault", type=fault, metavar="STEP[:KIND[:RANK]]",
+                   help="reliability testing: at STEP, rank RANK (0) exits (KIND exit, once per "
+                        "run) or its weights turn NaN (KIND nan)")
+
+
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None,
@@ -59,8 +76,10 @@ def cmd_pretrain_local(args) -> int:
     from attmask.train import pretrain_local
 
     cfg = load_cfg(args)
-    summary = pretrain_local(cfg, device=resolve_device(args.device),
-                             max_steps=args.max_steps)
+    fault = args.inject_fault
+    summary = pretrain_local(cfg, device=resolve_device(args.device), max_steps=args.max_steps,
+                             before_step=lambda e: fault and fault.before_step(e, 0),
+                             after_step=lambda e: fault and fault.after_step(e, 0))
     last = summary.final_metrics
     loss = (f"last logged loss {last['loss']:.4f} (step {last['step']})" if "loss" in last
             else "no step logged")
@@ -73,7 +92,7 @@ def cmd_pretrain(args) -> int:
     from pipelines.pretrain import run_pretrain
 
     cfg = load_cfg(args)
-    result = run_pretrain(cfg, address=args.address)
+    result = run_pretrain(cfg, address=args.address, fault=args.inject_fault)
     metrics = {k: round(v, 4) for k, v in result.metrics.items()
                if k in ("loss", "knn_top1", "images_per_s")}
     print(f"done: {result.run_name}, {result.steps} steps in {result.wall_s:.0f}s, {metrics}; "
@@ -127,7 +146,8 @@ def cmd_benchmark(args) -> int:
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")
         return 0
-    result = run_benchmark(spec, address=args.address, report_root=args.reports)
+    result = run_benchmark(spec, address=args.address, report_root=args.reports,
+                           fault=args.inject_fault)
     for r in result.failed:
         print(f"error: run {r.run_name} failed: {r.error}", file=sys.stderr)
     print(f"done in {result.wall_s:.0f}s: {result.report_md}, {result.report_html}; MLflow "
@@ -239,12 +259,14 @@ def build_parser() -> Parser:
     add_config_args(p, "tiny-cpu")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--max-steps", type=count(1), help="stop after this many steps (smoke runs)")
+    add_fault_arg(p)
     p.set_defaults(func=cmd_pretrain_local)
 
     p = sub.add_parser("pretrain", help="distributed pretraining on Ray Train, tracked in MLflow")
     add_config_args(p, "tiny-cpu")
     p.add_argument("--address", help="attach to a running cluster (auto, ray://...); default: "
                                      "start a local Ray instance")
+    add_fault_arg(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="k-NN, linear, few-shot, robustness, attention as Ray tasks")
@@ -279,6 +301,7 @@ def build_parser() -> Parser:
     p.add_argument("--address", help="attach to a running cluster")
     p.add_argument("--reports", default="reports", help="report root (reports/<name>/)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    add_fault_arg(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("bench-step", help="time training steps per masking strategy")

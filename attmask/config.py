@@ -91,8 +91,9 @@ class MaskingConfig:
     strategy: str = "attmask_high"
     ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
     prob: float = 0.5
-    show_max: float = 0.1
-    num_hints: Optional[int] = None  # None: derived from show_max and a second ratio draw
+    # A strategy's own parameters, by strategy (each class names and checks its own), e.g.
+    # {attmask_hint: {show_max: 0.1, num_hints: 2}, block: {aspect: 0.3}}; unset: class defaults.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer: int = -1  # teacher block whose [CLS] attention ranks patches
     head_reduce: Literal["mean", "max"] = "mean"
     ratio_per: Literal["image", "batch"] = "image"
@@ -106,20 +107,29 @@ class MaskingConfig:
         if not 0.0 <= self.ratio[0] <= self.ratio[1] <= 1.0:
             raise ConfigError(f"{p}.ratio={self.ratio}: need 0 <= low <= high <= 1")
         _range(f"{p}.prob", self.prob, 0.0, 1.0)
-        _range(f"{p}.show_max", self.show_max, 0.0, 1.0)
-        if self.num_hints is not None:
-            _range(f"{p}.num_hints", self.num_hints, 0, 1 << 16)
+        for name, options in self.options.items():
+            if name not in masking.available():
+                raise ConfigError(f"{p}.options.{name}: not a strategy; allowed: "
+                                  f"{', '.join(masking.available())}")
+            own = masking.parameters(name, own=True)
+            types = typing.get_type_hints(masking.masker_class(name).__init__)
+            for key, value in options.items():
+                if key not in own:
+                    raise ConfigError(f"{p}.options.{name}.{key}: {name} has no such parameter; "
+                                      f"it has {', '.join(own) or 'none (set ratio and prob)'}")
+                options[key] = _coerce(types[key], value, f"{p}.options.{name}.{key}")
+            try:
+                masking.make_masker(name, **self.masker_kwargs(name))
+            except ValueError as exc:  # the class names the parameter: "aspect=0: ..."
+                raise ConfigError(f"{p}.options.{name}.{exc}") from None
         if not -depth <= self.layer < depth:
             raise ConfigError(f"{p}.layer={self.layer}: allowed range is [{-depth}, {depth - 1}] "
                               f"for a {depth}-block model")
 
     def masker_kwargs(self, strategy: Optional[str] = None) -> dict[str, Any]:
         """Arguments of ``make_masker`` for ``strategy`` (default: this config's strategy)."""
-        kw: dict[str, Any] = dict(ratio=tuple(self.ratio), prob=self.prob,
-                                  show_max=self.show_max, ratio_per=self.ratio_per)
-        if (strategy or self.strategy) == "attmask_hint":
-            kw["num_hints"] = self.num_hints
-        return kw
+        return dict(ratio=tuple(self.ratio), prob=self.prob, ratio_per=self.ratio_per,
+                    **self.options.get(strategy or self.strategy, {}))
 
 
 @dataclass
@@ -192,11 +202,6 @@ class TrainConfig:
     knn_split: str = "test"
     knn_train_samples: int = 1000
     knn_test_samples: int = 500
-    # Fault injection for reliability tests: at this step this rank exits (once per run) or
-    # sees a non-finite loss.
-    inject_fault_at_step: Optional[int] = None
-    inject_fault_rank: int = 0
-    inject_fault_kind: Literal["exit", "nan"] = "exit"
 
     def validate(self, p: str) -> None:
         _range(f"{p}.epochs", self.epochs, 1, 100_000)
@@ -298,8 +303,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted key -> value, e.g. for MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        """Dotted key -> value, e.g. for MLflow params (mappings flattened too)."""
+        def walk(prefix: str, value: Any) -> dict[str, Any]:
+            if isinstance(value, dict) and (value or "." not in prefix):
+                return {k: v for key, item in value.items() for k, v in walk(
+                    f"{prefix}.{key}" if prefix else key, item).items()}
+            return {prefix: value}
+        return walk("", self.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,13 +387,17 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``section.field`` (or deeper, into a mapping field: ``masking.options.block.aspect``)."""
     parts = key.split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override key {key!r}: expected section.field, e.g. masking.ratio")
-    section = data.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]}: must be a mapping")
-    section[parts[1]] = value
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override key {key!r}: {'.'.join(parts[:i + 1])} is not a "
+                              "mapping")
+    node[parts[-1]] = value
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -419,6 +433,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{path}={value!r}: allowed values are {', '.join(map(str, allowed))}")
         return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(k, key_tp) for k in value):
+            raise ConfigError(f"{path}={value!r}: expected a mapping with {key_tp.__name__} keys")
+        return {k: _coerce(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

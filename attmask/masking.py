@@ -14,12 +14,15 @@ scores' device and is deterministic under a ``torch.Generator``. ``random`` and 
 Shared semantics (all strategies, so that they hide the same share of patches at equal settings):
 per image a ratio ``r ~ U(ratio)`` (``ratio_per="batch"``: one draw per batch, as the official
 AttMask code), ``n = floor(H*W*r)``, and with probability ``1 - prob`` an image is not masked at
-all. Unlike the official code, ``prob`` applies to ``random`` and ``block`` too.
+all. Unlike the official code, ``prob`` applies to ``random`` and ``block`` too. A strategy's own
+parameters (``show_max`` and ``num_hints`` of ``attmask_hint``, ``aspect`` ... of ``block``) are
+keyword arguments of its class; :func:`parameters` lists what each one takes.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -28,7 +31,11 @@ _REGISTRY: dict[str, Callable[..., "Masker"]] = {}
 
 
 def register(name: str) -> Callable:
+    """Class decorator: make a :class:`Masker` subclass buildable by ``name``."""
     def wrap(cls: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"masking strategy {name!r} is registered already "
+                             f"({_REGISTRY[name].__name__})")
         _REGISTRY[name] = cls
         return cls
     return wrap
@@ -39,12 +46,34 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
-def make_masker(name: str, *, ratio: tuple[float, float] = (0.1, 0.5), prob: float = 0.5,
-                show_max: float = 0.1, **extra) -> "Masker":
-    """Build a masker by name; bad names or values raise ``ValueError`` naming the parameter."""
+def masker_class(name: str) -> type["Masker"]:
+    return _REGISTRY[name]
+
+
+def parameters(name: str, own: bool = False) -> dict[str, Any]:
+    """Keyword parameters of strategy ``name`` and their defaults; ``own=True``: only those its
+    class adds to the shared ones of :class:`Masker`."""
+    found: dict[str, Any] = {}
+    for cls in _REGISTRY[name].__mro__:
+        if own and cls is Masker:
+            break
+        if "__init__" in vars(cls):
+            found |= {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.kind is p.KEYWORD_ONLY and p.name not in found}
+    return found
+
+
+def make_masker(name: str, **params: Any) -> "Masker":
+    """Build a masker by name from the parameters its class takes; bad names, unknown parameters
+    and bad values raise ``ValueError`` naming the parameter."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown masking strategy {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](ratio=ratio, prob=prob, show_max=show_max, **extra)
+    accepted = parameters(name)
+    for key in params:
+        if key not in accepted:
+            raise ValueError(f"{key}: {name} takes no such parameter; it takes "
+                             f"{', '.join(accepted)}")
+    return _REGISTRY[name](**params)
 
 
 class Masker:
@@ -53,20 +82,17 @@ class Masker:
     needs_scores = False
 
     def __init__(self, *, ratio: tuple[float, float] = (0.1, 0.5), prob: float = 0.5,
-                 show_max: float = 0.1, ratio_per: str = "image",
-                 batch_size: Optional[int] = None) -> None:
+                 ratio_per: str = "image", batch_size: Optional[int] = None) -> None:
         ratio = tuple(float(r) for r in ratio)
         if len(ratio) != 2 or not 0.0 <= ratio[0] <= ratio[1] <= 1.0:
             raise ValueError(f"ratio={ratio}: must be (low, high) with 0 <= low <= high <= 1")
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob={prob}: allowed range is [0, 1]")
-        if not 0.0 <= show_max <= 1.0:
-            raise ValueError(f"show_max={show_max}: allowed range is [0, 1]")
         if ratio_per not in ("image", "batch"):
             raise ValueError(f"ratio_per={ratio_per!r}: allowed values are 'image', 'batch'")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        self.ratio, self.prob, self.show_max = ratio, prob, show_max
+        self.ratio, self.prob = ratio, prob
         self.ratio_per, self.batch_size = ratio_per, batch_size
 
     def __call__(self, scores: Optional[torch.Tensor], grid: Grid,
@@ -142,11 +168,14 @@ class AttMaskHint(Masker):
 
     needs_scores = True
 
-    def __init__(self, *, num_hints: Optional[int] = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, show_max: float = 0.1, num_hints: Optional[int] = None,
+                 **shared) -> None:
+        super().__init__(**shared)
+        if not 0.0 <= show_max <= 1.0:
+            raise ValueError(f"show_max={show_max}: allowed range is [0, 1]")
         if num_hints is not None and num_hints < 0:
             raise ValueError(f"num_hints={num_hints}: must be >= 0 (or None to derive it)")
-        self.num_hints = num_hints
+        self.show_max, self.num_hints = show_max, num_hints
 
     def _select(self, scores, n, grid, batch, device, generator):
         num_patches = grid[0] * grid[1]
@@ -173,8 +202,8 @@ class BlockMasker(Masker):
     """
 
     def __init__(self, *, aspect: float = 0.3, min_area: Optional[int] = None,
-                 max_tries: int = 10, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 max_tries: int = 10, **shared) -> None:
+        super().__init__(**shared)
         if not 0.0 < aspect <= 1.0:
             raise ValueError(f"aspect={aspect}: allowed range is (0, 1]")
         if min_area is not None and min_area < 1:

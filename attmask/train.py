@@ -36,14 +36,16 @@ class Hooks:
 
     ``checkpoint(engine, metrics)`` persists the full state (called at the end of every epoch,
     every ``train.checkpoint_every_steps`` and when the loop stops); ``log(metrics)`` receives
-    the metrics of every logged step; ``fault()`` is called when fault injection fires. Metrics
-    logged since the last checkpoint are replayed after a crash, so sinks that must not repeat a
-    step buffer them until the next checkpoint.
+    the metrics of every logged step. Metrics logged since the last checkpoint are replayed
+    after a crash, so sinks that must not repeat a step buffer them until the next checkpoint.
+    ``before_step(engine)`` and ``after_step(engine)`` (after the step's logs and checkpoint)
+    are for instrumentation, e.g. the pipelines' fault injection.
     """
 
     checkpoint: Callable[[Engine, dict], None]
     log: Callable[[dict], None] = lambda metrics: None
-    fault: Optional[Callable[[], None]] = None
+    before_step: Callable[[Engine], None] = lambda engine: None
+    after_step: Callable[[Engine], None] = lambda engine: None
 
 
 @dataclass
@@ -90,13 +92,10 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         epoch = engine.epoch
         for batch in train_batches(dataset, cfg, epoch=epoch, steps=steps, rank=rank,
                                    world_size=world_size, skip=engine.step % steps):
+            hooks.before_step(engine)
             metrics = engine.train_step(batch["global"], batch["local"])
             skipped.update(batch["skipped"])
             small += batch["small"]
-            fault = (cfg.train.inject_fault_at_step == engine.step
-                     and rank == cfg.train.inject_fault_rank)
-            if fault and cfg.train.inject_fault_kind == "nan":
-                metrics.values["loss"] = torch.tensor(float("nan"))
             end_of_epoch = engine.step % steps == 0
             every = cfg.train.checkpoint_every_steps
             checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
@@ -105,7 +104,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
                 knn = monitor(engine.teacher.backbone, engine.device)
                 monitor_s += time.perf_counter() - tick
                 print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
-            if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now or fault:
+            if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)
                 elapsed = time.perf_counter() - start - monitor_s
@@ -124,8 +123,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             if checkpoint_now:
                 hooks.checkpoint(engine, dict(floats, end_of_epoch=end_of_epoch))
                 checkpointed = engine.step
-            if fault and cfg.train.inject_fault_kind == "exit" and hooks.fault is not None:
-                hooks.fault()
+            hooks.after_step(engine)
             if engine.step >= last:
                 break
     if checkpointed != engine.step:  # stopped early (max_steps): keep what was done
@@ -203,9 +201,11 @@ def export_teacher(engine: Engine, path: Path) -> Path:
 
 
 def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
-                   log: Callable[[str], None] = print,
-                   max_steps: Optional[int] = None) -> RunSummary:
-    """Train ``cfg`` in this process; resumes when ``train.run_name`` has checkpoints already."""
+                   log: Callable[[str], None] = print, max_steps: Optional[int] = None,
+                   before_step: Callable[[Engine], None] = lambda engine: None,
+                   after_step: Callable[[Engine], None] = lambda engine: None) -> RunSummary:
+    """Train ``cfg`` in this process; resumes when ``train.run_name`` has checkpoints already.
+    ``before_step`` / ``after_step`` are the loop's instrumentation hooks (see :class:`Hooks`)."""
     dataset = open_dataset(cfg)
     engine = Engine(cfg, steps_per_epoch(dataset, cfg), device=device)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
@@ -238,7 +238,8 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
             old.unlink()
 
     try:
-        result = run_loop(engine, dataset, cfg, Hooks(checkpoint=checkpoint, log=pending.append),
+        result = run_loop(engine, dataset, cfg,
+                          Hooks(checkpoint, pending.append, before_step, after_step),
                           max_steps=max_steps, print_fn=log)
     except KeyboardInterrupt:
         last = latest_step(ckpt_dir)

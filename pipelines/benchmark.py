@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from attmask.config import (
 from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
 from attmask.eval.suite import SUITE, EvalOptions
+from pipelines.faults import FaultInjection
 from pipelines.report import (
     KNN,
     LINEAR,
@@ -43,6 +45,7 @@ from pipelines.report import (
     metric_values,
     takeaways,
 )
+from pipelines.tracking import RUN_NAME_TAG, Tracker
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
@@ -194,11 +197,9 @@ class BenchmarkResult:
 
 
 def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
-                  report_root: str | Path = "reports",
+                  report_root: str | Path = "reports", fault: Optional[FaultInjection] = None,
                   log: Callable[[str], None] = print) -> BenchmarkResult:
     from attmask.data.prepare import prepare_data
-    from pipelines import tracking
-    from pipelines.pretrain import storage_path
     from pipelines.ray_session import ray_session
 
     start = time.perf_counter()
@@ -206,41 +207,40 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
         _, written = prepare_data(prepare)
         log(f"data: {'prepared' if written else 'reused'} {prepare.out}")
     first = next(iter(spec.configs.values()))
-    storage = storage_path(first)
-    uri = tracking.resolve_tracking_uri(first, storage)
-    tracking.check_tracking(uri, first.tracking.timeout_s)
+    tracker = Tracker.connect(first)
     report_dir = Path(report_root) / spec.name
     runs: list[RunRecord] = []
     workers = first.ray.num_workers * first.ray.cpus_per_worker
     with ray_session(address, num_cpus=workers):
-        parent = tracking.get_or_create_run(uri, first, spec.bench_name, storage,
-                                            extra_tags={"kind": "benchmark",
-                                                        "benchmark": spec.name})
+        parent = tracker.open_run(first, spec.bench_name,
+                                  tags={"kind": "benchmark", "benchmark": spec.name})
         for (strategy, seed), cfg in spec.configs.items():
-            runs.append(_one_run(spec, strategy, seed, cfg, uri, parent, report_dir, log))
+            runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
+                                 log))
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
                 make_report(spec, runs, time.perf_counter() - start).write(report_dir)
     wall = time.perf_counter() - start
     report = make_report(spec, runs, wall)
     md, page = report.write(report_dir)
-    _log_report(uri, parent, report_dir, runs)
+    _log_report(tracker, parent, report_dir, runs)
     log(f"report: {md} and {page} ({wall:.0f}s)")
     return BenchmarkResult(runs, md, page, parent, wall)
 
 
-def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: str, parent: str,
-             report_dir: Path, log: Callable[[str], None]) -> RunRecord:
+def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,
+             parent: str, report_dir: Path, fault: Optional[FaultInjection],
+             log: Callable[[str], None]) -> RunRecord:
     from pipelines.evaluate import run_evaluate
     from pipelines.pretrain import run_pretrain
 
     record = RunRecord(strategy, seed, cfg.train.run_name)
-    if _reuse_finished(uri, cfg, record):
+    if _reuse_finished(tracker, record):
         log(f"{record.run_name}: finished earlier, reused")
         return record
     run_start = time.perf_counter()
     try:
         log(f"{record.run_name}: pretraining")
-        trained = run_pretrain(cfg, parent_run_id=parent, log=log)
+        trained = run_pretrain(cfg, parent_run_id=parent, fault=fault, log=log)
         record.mlflow_run_id = trained.mlflow_run_id
         record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
         record.device = trained.device
@@ -250,9 +250,11 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: st
                                       out_dir=str(out), options=spec.eval_options(), log=log)
         overlay = out / "attention_overlay.png"
         record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
-        record.knn_history = _knn_history(uri, trained.mlflow_run_id)
+        record.knn_history = _knn_history(tracker, trained.mlflow_run_id)
         record.wall_s = time.perf_counter() - run_start
-        _mark_done(uri, record)
+        tracker.set_tags(record.mlflow_run_id, {
+            DONE_TAG: "true", "cost.wall_s": f"{record.wall_s:.1f}",
+            "cost.images_per_s": f"{record.images_per_s:.2f}", "cost.device": record.device})
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
         record.error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1][:300]}" \
             if str(exc).strip() else exc.__class__.__name__
@@ -263,63 +265,32 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, uri: st
     return record
 
 
-def _knn_history(uri: str, run_id: str) -> list[tuple[float, float]]:
+def _knn_history(tracker: Tracker, run_id: str) -> list[tuple[float, float]]:
     """(epoch, online k-NN top-1) at the end of each epoch the monitor ran."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
     epoch_end: dict[int, int] = {}
-    for m in client.get_metric_history(run_id, "epoch"):
-        epoch_end[int(m.value)] = max(epoch_end.get(int(m.value), 0), m.step)
-    knn = {m.step: m.value for m in client.get_metric_history(run_id, "knn_top1")}
+    for step, epoch in tracker.metric_history(run_id, "epoch"):
+        epoch_end[int(epoch)] = max(epoch_end.get(int(epoch), 0), step)
+    knn = dict(tracker.metric_history(run_id, "knn_top1"))
     return [(epoch, knn[step]) for epoch, step in sorted(epoch_end.items()) if step in knn]
 
 
-def _mark_done(uri: str, record: RunRecord) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    for key, value in {DONE_TAG: "true", "cost.wall_s": f"{record.wall_s:.1f}",
-                       "cost.images_per_s": f"{record.images_per_s:.2f}",
-                       "cost.device": record.device}.items():
-        client.set_tag(record.mlflow_run_id, key, value)
-
-
-def _reuse_finished(uri: str, cfg: Config, record: RunRecord) -> bool:
+def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
     """Fill ``record`` from MLflow when this run already finished and was evaluated."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import RUN_NAME_TAG, tag_filter
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
+    run = tracker.find_run({RUN_NAME_TAG: record.run_name, DONE_TAG: "true"})
+    if run is None:
         return False
-    found = client.search_runs([exp.experiment_id],
-                               tag_filter({RUN_NAME_TAG: record.run_name, DONE_TAG: "true"}),
-                               max_results=1)
-    if not found:
-        return False
-    run = found[0]
-    record.mlflow_run_id, record.skipped = run.info.run_id, True
-    if _has_artifact(client, run.info.run_id, "eval/results.json"):
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="eval/results.json", tracking_uri=uri)
-        record.results = json.loads(Path(local).read_text())
+    run_id = record.mlflow_run_id = run.info.run_id
+    record.skipped = True
+    with tempfile.TemporaryDirectory() as d:
+        if (results := tracker.fetch(run_id, "eval/results.json", d)) is not None:
+            record.results = json.loads(results.read_text())
+        if (overlay := tracker.fetch(run_id, "eval/attention_overlay.png", d)) is not None:
+            record.overlay_png = overlay.read_bytes()
     record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
     record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
     record.device = run.data.tags.get("cost.device", "")
-    record.knn_history = _knn_history(uri, run.info.run_id)
-    if _has_artifact(client, run.info.run_id, "eval/attention_overlay.png"):
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="eval/attention_overlay.png", tracking_uri=uri)
-        record.overlay_png = Path(local).read_bytes()
+    record.knn_history = _knn_history(tracker, run_id)
     return True
-
-
-def _has_artifact(client, run_id: str, path: str) -> bool:
-    return any(a.path == path for a in client.list_artifacts(run_id, str(Path(path).parent)))
 
 
 def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Report:
@@ -375,21 +346,15 @@ def git_commit() -> str:
     return head + ("+changes" if dirty.strip() else "")
 
 
-def _log_report(uri: str, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+def _log_report(tracker: Tracker, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:
     # Per-strategy means on the parent run, so its charts compare the strategies at a glance.
-    now = int(time.time() * 1000)
-    summary = [Metric(f"{name}/{strategy}", statistics.fmean(values), now, 0)
-               for strategy in dict.fromkeys(r.strategy for r in runs)
-               for name, path in (("knn_top1", KNN), ("linear_top1", LINEAR))
-               if (values := metric_values([r for r in runs if r.strategy == strategy
-                                            and r.error is None], path))]
-    if summary:
-        client.log_batch(parent, metrics=summary)
-    client.log_artifact(parent, str(report_dir / "report.md"), "report")
-    client.log_artifact(parent, str(report_dir / "report.html"), "report")
-    client.log_artifacts(parent, str(report_dir / "img"), "report/img")
-    client.set_terminated(parent, "FAILED" if any(r.error for r in runs) else "FINISHED")
+    tracker.log_metrics(parent, {
+        f"{name}/{strategy}": statistics.fmean(values)
+        for strategy in dict.fromkeys(r.strategy for r in runs)
+        for name, path in (("knn_top1", KNN), ("linear_top1", LINEAR))
+        if (values := metric_values([r for r in runs if r.strategy == strategy
+                                     and r.error is None], path))})
+    for name in ("report.md", "report.html"):
+        tracker.log_artifact(parent, report_dir / name, "report")
+    tracker.log_artifact(parent, report_dir / "img", "report/img")
+    tracker.finish(parent, "FAILED" if any(r.error for r in runs) else "FINISHED")

@@ -23,22 +23,20 @@ from attmask.errors import UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
 from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
 from pipelines import tracking
-from pipelines.pretrain import storage_path
 from pipelines.ray_session import ray_session
 
 
-def fetch_checkpoint(run_id: str, uri: str, out_dir: Path) -> Path:
+def fetch_checkpoint(tracker: tracking.Tracker, run_id: str, out_dir: Path) -> Path:
     """The full checkpoint a pretraining run logged (``checkpoint/state.pt``)."""
-    import mlflow
-
-    tracking.configure_client(5.0)
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
-                                                    tracking_uri=uri, dst_path=str(out_dir))
-    except Exception as exc:  # noqa: BLE001 - unknown run, missing artifact, dead server
-        raise UserError(f"--mlflow-run {run_id}: cannot fetch its checkpoint from {uri} "
+        local = tracker.fetch(run_id, "checkpoint/state.pt", out_dir)
+    except Exception as exc:  # noqa: BLE001 - unknown run, dead server
+        raise UserError(f"--mlflow-run {run_id}: cannot fetch its checkpoint from {tracker.uri} "
                         f"({exc.__class__.__name__}: {str(exc)[:160]})") from exc
-    return Path(local) / "state.pt"
+    if local is None:
+        raise UserError(f"--mlflow-run {run_id}: the run logged no checkpoint/state.pt "
+                        "(it has not finished; evaluate its Ray checkpoint with --checkpoint)")
+    return local
 
 
 def _run_part(args: dict, part: str) -> dict:
@@ -81,15 +79,18 @@ def _run_part(args: dict, part: str) -> dict:
 
 def _evaluator(args: dict) -> Evaluator:
     """The evaluator a task's ``args`` describe: a checkpoint, or a baseline of a config."""
+    import ray
+
     common = dict(cache_dir=args["cache_dir"], options=EvalOptions(**args["options"]),
                   robustness_set=args["robustness_set"])
     if args.get("baseline"):
         cfg = from_dict(yaml.safe_load(args["config"])).validate()
         return Evaluator.for_baseline(args["baseline"], cfg, args["data"], **common)
-    architecture = (from_dict(yaml.safe_load(args["architecture"])).validate()
-                    if args.get("architecture") else None)
-    return Evaluator.from_checkpoint(args["checkpoint"], args["data"], config=architecture,
-                                     **common)
+    # The checkpoint was read once, by the driver; every task gets the model from the object
+    # store instead of loading the file again.
+    model, cfg_yaml, model_id = ray.get(args["model"])
+    return Evaluator(model, from_dict(yaml.safe_load(cfg_yaml)).validate(), model_id,
+                     args["data"], **common)
 
 
 def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], None],
@@ -170,34 +171,34 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     """Evaluate one checkpoint; returns the ``results.json`` content. ``architecture`` is the
     model config of a ``.safetensors`` backbone (a full checkpoint carries its own)."""
     import ray
+    import torch
 
     from attmask.viz import bar_chart_png
 
     if (checkpoint is None) == (mlflow_run is None):
         raise UserError("give exactly one of --checkpoint PATH and --mlflow-run RUN_ID")
     out = check_output_dir(out_dir, "--out")
-    uri = tracking.resolve_tracking_uri(cfg, storage_path(cfg))
-    tracking.check_tracking(uri, cfg.tracking.timeout_s)  # before the work, not after it
+    tracker = tracking.Tracker.connect(cfg)  # before the work, not after it
     if mlflow_run is not None:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint = str(fetch_checkpoint(mlflow_run, uri, out))
+        checkpoint = str(fetch_checkpoint(tracker, mlflow_run, out))
     options = (options or EvalOptions()).validate()
     # Validate checkpoint, data and options here, before any task is scheduled.
     for kind in baselines:
         if kind not in BASELINES:
             raise UserError(f"--baselines {kind}: allowed values are {', '.join(BASELINES)}")
-    probe = Evaluator.from_checkpoint(checkpoint, data, config=architecture,
-                                      cache_dir=out / "features", options=options,
-                                      robustness_set=robustness_set)
-    model_cfg = probe.cfg  # the checkpoint's own config: its architecture and seed
-    del probe
-    args = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(data),
-            "cache_dir": str((out / "features").resolve()), "options": asdict(options),
-            "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None,
-            "architecture": architecture.to_yaml() if architecture is not None else None}
+    checked = Evaluator.from_checkpoint(checkpoint, data, config=architecture,
+                                        cache_dir=out / "features", options=options,
+                                        robustness_set=robustness_set, device=torch.device("cpu"))
+    model_cfg = checked.cfg  # the checkpoint's own config: its architecture and seed
+    args = {"data": str(data), "cache_dir": str((out / "features").resolve()),
+            "options": asdict(options),
+            "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None}
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ray_session(address):
+        args["model"] = ray.put((checked.model, model_cfg.to_yaml(), checked.model_id))
+        del checked
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(_run_part)
         parts, pictures = _evaluate_parts(args, options.suite, task, log, "")
@@ -212,7 +213,7 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     (out / "results.json").write_text(json.dumps(results, indent=1))
     for name, png in pictures.items():
         (out / name).write_bytes(png)
-    results["mlflow_run_id"] = _log_to_mlflow(cfg, uri, mlflow_run, checkpoint, out, results,
+    results["mlflow_run_id"] = _log_to_mlflow(cfg, mlflow_run, checkpoint, out, results,
                                               list(pictures))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
@@ -232,24 +233,16 @@ def evaluation_run_name(checkpoint: str | Path) -> str:
     return f"eval-{stem}-{digest.hexdigest()[:12]}"
 
 
-def _log_to_mlflow(cfg: Config, uri: str, run_id: Optional[str], checkpoint: str, out: Path,
+def _log_to_mlflow(cfg: Config, run_id: Optional[str], checkpoint: str, out: Path,
                    results: dict, pictures: list[str]) -> str:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    tracking.check_tracking(uri, cfg.tracking.timeout_s)
-    client = MlflowClient(tracking_uri=uri)
+    tracker = tracking.Tracker.connect(cfg)  # again: the server may have gone during the work
     created = run_id is None
     if created:
-        run_id = tracking.get_or_create_run(uri, cfg, evaluation_run_name(checkpoint),
-                                            storage_path(cfg), extra_tags={"kind": "evaluation"})
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in flat_metrics(results).items()]
-    for i in range(0, len(metrics), 200):
-        client.log_batch(run_id, metrics=metrics[i:i + 200])
-    client.log_artifact(run_id, str(out / "results.json"), "eval")
-    for name in pictures:
-        client.log_artifact(run_id, str(out / name), "eval")
+        run_id = tracker.open_run(cfg, evaluation_run_name(checkpoint),
+                                  tags={"kind": "evaluation"})
+    tracker.log_metrics(run_id, flat_metrics(results))
+    for name in ["results.json", *pictures]:
+        tracker.log_artifact(run_id, out / name, "eval")
     if created:
-        client.set_terminated(run_id, "FINISHED")
+        tracker.finish(run_id)
     return run_id

@@ -9,7 +9,6 @@ rank 0 logs to MLflow from a background thread.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError
 from attmask.train import default_run_name, open_dataset
 from pipelines import tracking
+from pipelines.faults import FaultInjection
 from pipelines.ray_session import alive_nodes, ray_session
 
 STATE_FILE = "state.pt"
@@ -39,11 +39,6 @@ class PretrainResult:
     logging: dict
     wall_s: float
     device: str = ""
-
-
-def storage_path(cfg: Config) -> str:
-    path = cfg.ray.storage_path or str(Path(cfg.train.output_dir).resolve() / "ray")
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def validate_cluster(cfg: Config, uri: str, storage: str, num_nodes: int) -> None:
@@ -76,11 +71,13 @@ def _worker_failure(exc: Exception) -> Exception:
 
 def run_pretrain(cfg: Config, *, address: Optional[str] = None,
                  parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
+                 fault: Optional[FaultInjection] = None,
                  log: Callable[[str], None] = print) -> PretrainResult:
     """Pretrain ``cfg`` on a Ray cluster (a fresh local one unless ``address`` is given).
 
     ``parent_run_id`` nests the MLflow run (benchmarks, searches); ``callbacks`` are Ray Train
-    callbacks (a Tune trial forwards reports with one)."""
+    callbacks (a Tune trial forwards reports with one); ``fault`` is injected into the workers
+    (reliability tests), once per run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -89,9 +86,9 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
         cfg.train.run_name = default_run_name(cfg)
     if cfg.data.path and "://" not in cfg.data.path:  # workers do not share the driver's CWD
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    run_name, storage = cfg.train.run_name, storage_path(cfg)
-    uri = tracking.resolve_tracking_uri(cfg, storage)
-    tracking.check_tracking(uri, cfg.tracking.timeout_s)
+    run_name = cfg.train.run_name
+    tracker = tracking.Tracker.connect(cfg)
+    uri, storage = tracker.uri, tracker.storage
     if "://" not in str(cfg.data.path or ""):
         open_dataset(cfg)  # local data is checked here, before any worker starts
     workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
@@ -101,13 +98,14 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
 
         use_gpu = (cfg.ray.use_gpu if cfg.ray.use_gpu is not None
                    else ray.cluster_resources().get("GPU", 0) >= workers)
-        run_id = tracking.get_or_create_run(uri, cfg, run_name, storage, parent_run_id)
+        run_id = tracker.open_run(cfg, run_name, parent_run_id)
         log(f"pretrain {run_name}: {workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
             f"storage {storage}, MLflow run {run_id} at {uri}")
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                               "fault_marker": str(Path(storage) / f"{run_name}.fault")},
+                               "fault": fault and fault.with_marker(
+                                   Path(storage) / f"{run_name}.fault")},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(
@@ -117,27 +115,18 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
-            _finish_run(uri, run_id, "FAILED")
+            tracker.finish(run_id, "FAILED")
             cause = _worker_failure(exc)
             if cause is exc:
                 raise
             raise cause from exc
     value = result.return_value or {}
-    _finish_run(uri, run_id, "FINISHED")
+    tracker.finish(run_id, "FINISHED")
     return PretrainResult(run_name, run_id, uri, storage, int(value.get("steps", 0)),
                           value.get("metrics", result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None,
                           value.get("logging", {}), time.perf_counter() - start,
                           value.get("device", ""))
-
-
-def _finish_run(uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
-    except Exception:  # noqa: BLE001 - an unreachable server was already reported by the logger
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,20 +230,12 @@ def train_worker(loop_config: dict) -> dict:
                                        f"epoch {epoch}: teacher attention and masks"),
                          f"attention/epoch_{epoch:04d}.png")
 
-    def fault() -> None:
-        marker = Path(loop_config["fault_marker"])
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"fault injected at step {engine.step}\n")
-        # Let the controller register the last report first (it polls periodically), as a real
-        # crash a little later would; then die without cleanup.
-        time.sleep(max(2.0, 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))))
-        os._exit(1)
-
+    fault: Optional[FaultInjection] = loop_config.get("fault")
     result = run_loop(engine, dataset, cfg,
                       Hooks(checkpoint=on_checkpoint,
-                            log=pending.append if rank == 0 else (lambda m: None), fault=fault),
+                            log=pending.append if rank == 0 else (lambda m: None),
+                            before_step=lambda e: fault and fault.before_step(e, rank),
+                            after_step=lambda e: fault and fault.after_step(e, rank)),
                       rank=rank, world_size=world,
                       print_fn=print if rank == 0 else (lambda s: None))
     from attmask.runtime import describe_device

@@ -1,5 +1,5 @@
-"""MLflow wiring: tracking URI, fast reachability check, one run per pretraining run, and a
-logger that never blocks the training step."""
+"""The MLflow edge: where the store is, a fast reachability check, the ``Tracker`` through
+which every pipeline talks to MLflow, and a logger that never blocks the training step."""
 from __future__ import annotations
 
 import logging
@@ -102,37 +102,116 @@ def tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
 
 
-def get_or_create_run(uri: str, cfg: Config, run_name: str, storage_path: str,
-                      parent_run_id: Optional[str] = None,
-                      extra_tags: Optional[dict[str, str]] = None) -> str:
-    """The MLflow run of ``run_name`` (reused on resume), created with params, tags and the
-    resolved config as an artifact."""
-    from mlflow.tracking import MlflowClient
+def storage_path(cfg: Config) -> str:
+    """Where runs keep checkpoints (and, by default, the SQLite tracking store)."""
+    path = cfg.ray.storage_path or str(Path(cfg.train.output_dir).resolve() / "ray")
+    return path if "://" in path else str(Path(path).resolve())
 
-    configure_client(cfg.tracking.timeout_s)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=artifact_location(uri, storage_path)))
-    if experiment is None or experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
-    found = client.search_runs([experiment_id], tag_filter({RUN_NAME_TAG: run_name}),
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+
+class Tracker:
+    """Every MLflow call the pipelines make, against one tracking store and experiment.
+
+    ``Tracker.connect(cfg)`` resolves the store from the config and checks, in seconds, that it
+    can be reached; the pipelines then open, log to, search and close runs through it.
+    """
+
+    def __init__(self, uri: str, experiment: str = "attmask", storage: Optional[str] = None,
+                 timeout_s: float = 5.0):
+        from mlflow.tracking import MlflowClient
+
+        configure_client(timeout_s)
+        self.uri, self.experiment, self.storage = uri, experiment, storage
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def connect(cls, cfg: Config) -> "Tracker":
+        storage = storage_path(cfg)
+        uri = resolve_tracking_uri(cfg, storage)
+        check_tracking(uri, cfg.tracking.timeout_s)
+        return cls(uri, cfg.tracking.experiment, storage, cfg.tracking.timeout_s)
+
+    def _experiment_id(self, create: bool) -> Optional[str]:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None and not create:
+            return None
+        experiment_id = (experiment.experiment_id if experiment else self.client.create_experiment(
+            self.experiment, artifact_location=artifact_location(self.uri, self.storage or ".")))
+        if create and (experiment is None
+                       or experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]):
+            self.client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+        return experiment_id
+
+    def find_run(self, tags: dict[str, str]):
+        """The newest run of the experiment carrying every ``tags`` item, or None."""
+        experiment_id = self._experiment_id(create=False)
+        if experiment_id is None:
+            return None
+        found = self.client.search_runs([experiment_id], tag_filter(tags), max_results=1)
+        return found[0] if found else None
+
+    def open_run(self, cfg: Config, run_name: str, parent_run_id: Optional[str] = None,
+                 tags: Optional[dict[str, str]] = None) -> str:
+        """The run of ``run_name`` (reopened on resume), or a new one with the config's
+        params, tags and the resolved config as an artifact."""
+        experiment_id = self._experiment_id(create=True)
+        found = self.find_run({RUN_NAME_TAG: run_name})
+        if found is not None:
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        all_tags = run_tags(cfg, run_name) | (tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.client.create_run(experiment_id, run_name=run_name,
+                                        tags=all_tags).info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        self.client.log_text(run_id, cfg.to_yaml(), "config/config.yaml")
         return run_id
-    tags = run_tags(cfg, run_name) | (extra_tags or {})
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    from mlflow.entities import Param
 
-    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    client.log_text(run.info.run_id, cfg.to_yaml(), "config/config.yaml")
-    return run.info.run_id
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 200):  # MLflow's limit per batch is 1,000 items
+            self.client.log_batch(run_id, metrics=batch[i:i + 200])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None
+                     ) -> None:
+        """A file, or every file of a directory, under ``artifact_path``."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged point of ``key``, in logging order."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def fetch(self, run_id: str, artifact_path: str, dst: Optional[str | Path] = None
+              ) -> Optional[Path]:
+        """A local copy of one logged artifact (file or directory), or None when the run has
+        none at that path."""
+        parent = str(Path(artifact_path).parent)
+        listed = self.client.list_artifacts(run_id, None if parent == "." else parent)
+        if not any(a.path == artifact_path for a in listed):
+            return None
+        return Path(self.client.download_artifacts(run_id, artifact_path,
+                                                   str(dst) if dst else None))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close the run; a store that went away was already reported by the logger."""
+        try:
+            self.client.set_terminated(run_id, status)
+        except Exception:  # noqa: BLE001
+            log.warning("could not mark MLflow run %s %s", run_id, status)
 
 
 class AsyncRunLogger:
@@ -144,10 +223,7 @@ class AsyncRunLogger:
     """
 
     def __init__(self, uri: str, run_id: str, timeout_s: float = 5.0, max_queue: int = 10_000):
-        from mlflow.tracking import MlflowClient
-
-        configure_client(timeout_s)
-        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+        self.tracker, self.run_id = Tracker(uri, timeout_s=timeout_s), run_id
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.errors, self.dropped, self.last_error = 0, 0, ""
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
@@ -176,8 +252,6 @@ class AsyncRunLogger:
                     pass
 
     def _work(self) -> None:
-        from mlflow.entities import Metric
-
         while True:
             item = self.queue.get()
             if item is None:
@@ -186,17 +260,14 @@ class AsyncRunLogger:
             try:
                 kind = item[0]
                 if kind == "metrics":
-                    now = int(time.time() * 1000)
-                    self.client.log_batch(self.run_id, metrics=[
-                        Metric(k, v, now, item[2]) for k, v in item[1].items()])
+                    self.tracker.log_metrics(self.run_id, item[1], item[2])
                 elif kind == "artifact":
-                    self.client.log_artifact(self.run_id, item[1], item[2])
+                    self.tracker.log_artifact(self.run_id, item[1], item[2])
                 else:
                     with tempfile.TemporaryDirectory() as d:
                         path = Path(d) / Path(item[2]).name
                         path.write_bytes(item[1])
-                        self.client.log_artifact(self.run_id, str(path),
-                                                 str(Path(item[2]).parent))
+                        self.tracker.log_artifact(self.run_id, path, str(Path(item[2]).parent))
             except Exception as exc:  # noqa: BLE001 - logging must never stop training
                 self.errors += 1
                 self.last_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"

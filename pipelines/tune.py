@@ -193,9 +193,13 @@ def _validate_entry(spec: TuneSpec, base: Config, key: str, sampler: Any) -> Non
     (kind, args), = sampler.items()
     if kind not in SAMPLERS:
         raise ConfigError(f"{where}: unknown sampler {kind!r}; allowed: {', '.join(sorted(SAMPLERS))}")
-    section, _, name = key.partition(".")
-    if not hasattr(base, section) or not hasattr(getattr(base, section), name) or not name:
+    section, _, rest = key.partition(".")
+    name, *deeper = rest.split(".")
+    if not name or not hasattr(getattr(base, section, None), name):
         raise ConfigError(f"{where}: {key!r} is not a config key (section.field)")
+    field = getattr(getattr(base, section), name)
+    if deeper and not isinstance(field, dict):
+        raise ConfigError(f"{where}: {section}.{name} is not a mapping; {key!r} cannot go inside")
     if spec.search == "optuna" and kind == "grid":
         raise ConfigError(f"{where}: grid sampling is not available with search: optuna")
     if spec.search == "grid" and kind not in ("grid", "choice"):
@@ -355,24 +359,20 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
 
     from attmask.train import open_dataset
     from attmask.viz import param_plot_png
-    from pipelines import tracking
-    from pipelines.pretrain import storage_path
     from pipelines.ray_session import ray_session
+    from pipelines.tracking import Tracker
 
-    storage = storage_path(base)
-    uri = tracking.resolve_tracking_uri(base, storage)
-    tracking.check_tracking(uri, base.tracking.timeout_s)
+    tracker = Tracker.connect(base)
     if "://" not in str(base.data.path or ""):
         dataset = open_dataset(base)
         if spec.metric.startswith("knn") and base.train.knn_split not in dataset.splits:
             raise UserError(f"metric {spec.metric}: the data has no {base.train.knn_split!r} "
                             "split for the online k-NN")
     search = spec.search_name
-    tune_dir = Path(storage) / "tune"
+    tune_dir = Path(tracker.storage) / "tune"
     out_dir = tune_dir / search / "report"
     with ray_session(address):
-        parent = tracking.get_or_create_run(uri, base, search, storage,
-                                            extra_tags={"kind": "tune", "tune.search": search})
+        parent = tracker.open_run(base, search, tags={"kind": "tune", "tune.search": search})
         param_space = {BASE_KEY: base.to_dict(), PARENT_KEY: parent,
                        "__resources__": dict(spec.resources_per_trial), **tune_space(spec)}
         trainable = tune.with_resources(_trial, {"cpu": 0.01})
@@ -412,13 +412,11 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
     (out_dir / "results.csv").write_text(rows_to_csv(rows, spec))
     (out_dir / "metric_vs_params.png").write_bytes(param_plot_png(rows, list(spec.space),
                                                                   spec.metric))
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=uri)
     for name in ("results.csv", "metric_vs_params.png", "best_config.yaml"):
-        client.log_artifact(parent, str(out_dir / name), "tune")
+        tracker.log_artifact(parent, out_dir / name, "tune")
     if best_row.get(spec.metric) is not None:
-        client.log_metric(parent, f"best_{spec.metric}", float(best_row[spec.metric]))
-    client.set_terminated(parent, "FINISHED")
+        tracker.log_metrics(parent, {f"best_{spec.metric}": best_row[spec.metric]})
+    tracker.finish(parent)
     return TuneResult(search, rows, best_row, best_path, out_dir, parent)
 
 

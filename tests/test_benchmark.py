@@ -113,8 +113,7 @@ def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
 def test_parent_run_compares_strategies_and_the_experiment_opens_on_runs(bench_run):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pretrain import storage_path
-    from pipelines.tracking import EXPERIMENT_KIND, resolve_tracking_uri
+    from pipelines.tracking import EXPERIMENT_KIND, resolve_tracking_uri, storage_path
 
     _, spec, result = bench_run
     cfg = next(iter(spec.configs.values()))
@@ -139,7 +138,7 @@ def test_rerun_reuses_finished_runs(bench_run):
 def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
     path = write_bench(tmp_path, strategies=["random"])
     code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "reports"),
-                 "train.inject_fault_at_step=1", "train.inject_fault_kind=nan"])
+                 "--inject-fault", "1:nan"])
     err = capsys.readouterr().err
     assert code == 1 and "failed: NonFiniteLossError" in err
     assert "FAILED RUNS" in (tmp_path / "reports" / "bench" / "report.md").read_text()

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from attmask.errors import ConfigError
 from conftest import ROOT, TINY, tiny_yaml
 from run_pipeline import main
 
@@ -49,7 +50,7 @@ def test_bad_input_prints_one_error_line_and_exits_2(capsys, argv, words):
 
 
 def test_debug_flag_shows_the_traceback(capsys):
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         main(["--debug", "pretrain-local", "--preset", "nope"])
 
 
@@ -105,8 +106,8 @@ def test_prepare_data_and_pretrain_local_smoke(capsys, tmp_path):
 
 def test_nan_loss_is_one_line_naming_the_step(capsys, tmp_path, synthetic_dir):
     code, _, err = run_main(capsys, "pretrain-local", *TINY, f"data.path={synthetic_dir}",
-                            "train.steps_per_epoch=3", "train.inject_fault_at_step=2",
-                            "train.inject_fault_kind=nan", f"train.output_dir={tmp_path}")
+                            "train.steps_per_epoch=3", "--inject-fault", "2:nan",
+                            f"train.output_dir={tmp_path}")
     assert_one_error_line(code, err, "loss is nan at step 2", "optim.lr")
 
 

@@ -23,7 +23,7 @@ def test_paper_preset_matches_readme_recipe():
 def test_overrides_parse_yaml_values():
     cfg = load_config("tiny-cpu", overrides=["masking.ratio=[0.2,0.4]", "train.epochs=3",
                                              "masking.strategy=attmask_hint",
-                                             "masking.num_hints=2"])
+                                             "masking.options.attmask_hint.num_hints=2"])
     assert cfg.masking.ratio == [0.2, 0.4] and cfg.train.epochs == 3
     assert cfg.masking.masker_kwargs()["num_hints"] == 2
 

@@ -9,7 +9,8 @@ from attmask.masking import make_masker
 
 GRID = (14, 14)
 P = GRID[0] * GRID[1]
-ALL = ["random", "block", "attmask_high", "attmask_low", "attmask_hint"]
+ALL = masking.available()  # a newly registered strategy is tested by every ALL test
+PAPER = ["random", "block", "attmask_high", "attmask_low", "attmask_hint"]
 
 
 def gen(seed=0):
@@ -20,14 +21,38 @@ def scores(batch=64, seed=0):
     return torch.rand(batch, P, generator=gen(seed + 100))
 
 
-def test_registry_lists_all_strategies():
-    assert set(ALL) <= set(masking.available())
+def test_registry_lists_the_papers_strategies_and_refuses_a_second_registration():
+    assert set(PAPER) <= set(ALL)
+    with pytest.raises(ValueError, match="'random' is registered already"):
+        masking.register("random")(type("Other", (masking.Masker,), {}))
+    assert masking.masker_class("random") is masking.RandomMasker
+
+
+def test_each_strategy_owns_its_parameters():
+    assert masking.parameters("attmask_hint", own=True) == {"show_max": 0.1, "num_hints": None}
+    assert set(masking.parameters("block", own=True)) == {"aspect", "min_area", "max_tries"}
+    assert masking.parameters("random", own=True) == {}
+    shared = {"ratio", "prob", "ratio_per", "batch_size"}
+    assert all(shared <= set(masking.parameters(name)) for name in ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_options_reach_the_strategy_and_unknown_ones_are_named(name):
+    from attmask.config import load_config
+    from attmask.errors import ConfigError
+
+    own = masking.parameters(name, own=True)
+    cfg = load_config(overrides={f"masking.options.{name}": own, "masking.strategy": name})
+    assert cfg.masking.masker_kwargs() == {"ratio": (0.1, 0.5), "prob": 0.5,
+                                           "ratio_per": "image", **own}
+    make_masker(name, **cfg.masking.masker_kwargs())
+    with pytest.raises(ConfigError, match=f"masking.options.{name}.bogus: {name} has no such"):
+        load_config(overrides={f"masking.options.{name}.bogus": 1})
 
 
 @pytest.mark.parametrize("kwargs, word", [
     ({"ratio": (0.5, 0.1)}, "ratio"), ({"ratio": (-0.1, 0.5)}, "ratio"),
-    ({"ratio": (0.1, 1.5)}, "ratio"), ({"prob": 1.2}, "prob"), ({"show_max": -0.1}, "show_max"),
-    ({"ratio_per": "crop"}, "ratio_per"),
+    ({"ratio": (0.1, 1.5)}, "ratio"), ({"prob": 1.2}, "prob"), ({"ratio_per": "crop"}, "ratio_per"),
 ])
 @pytest.mark.parametrize("name", ALL)
 def test_out_of_range_values_raise_naming_parameter(name, kwargs, word):
@@ -40,7 +65,9 @@ def test_unknown_name_and_hint_parameters():
         make_masker("nope")
     with pytest.raises(ValueError, match="num_hints"):
         make_masker("attmask_hint", num_hints=-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="show_max"):
+        make_masker("attmask_hint", show_max=-0.1)
+    with pytest.raises(ValueError, match="num_hints: random takes no such parameter; it takes"):
         make_masker("random", num_hints=3)  # only the hint strategy takes hints
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -15,6 +16,7 @@ from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError
 from attmask.runtime import load_checkpoint
 from conftest import tiny_config
+from pipelines.faults import FaultInjection
 from pipelines.pretrain import run_pretrain, validate_cluster
 
 pytestmark = pytest.mark.ray
@@ -58,9 +60,8 @@ def test_killed_worker_resumes_exactly_and_completes(ray_local, synthetic_dir, t
               "model.drop_path=0.1")
     straight = run_pretrain(ray_cfg(synthetic_dir, tmp_path, *common, "train.run_name=straight"),
                             log=lambda s: None)
-    cfg = ray_cfg(synthetic_dir, tmp_path, *common, "train.inject_fault_at_step=5",
-                  "train.inject_fault_rank=1", "train.run_name=crash")
-    result = run_pretrain(cfg, log=lambda s: None)
+    cfg = ray_cfg(synthetic_dir, tmp_path, *common, "train.run_name=crash")
+    result = run_pretrain(cfg, fault=FaultInjection(5, "exit", rank=1), log=lambda s: None)
     assert result.steps == 9
     assert (tmp_path / "ray" / "crash.fault").read_text().startswith("fault injected at step 5")
     client = MlflowClient(tracking_uri=result.tracking_uri)
@@ -77,10 +78,11 @@ def test_killed_worker_resumes_exactly_and_completes(ray_local, synthetic_dir, t
 
 def test_rerun_with_same_name_resumes_the_same_mlflow_run(ray_local, synthetic_dir, tmp_path):
     cfg = ray_cfg(synthetic_dir, tmp_path, "train.epochs=3", "train.run_name=again",
-                  "train.inject_fault_at_step=4", "tracking.log_images_every_epochs=0")
-    with pytest.raises(Exception):
-        run_pretrain(cfg, log=lambda s: None)  # max_failures=0: the run stops at step 4
-    result = run_pretrain(cfg, log=lambda s: None)  # same command again
+                  "tracking.log_images_every_epochs=0")
+    fault = FaultInjection(4)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_pretrain(cfg, fault=fault, log=lambda s: None)  # max_failures=0: stops at step 4
+    result = run_pretrain(cfg, fault=fault, log=lambda s: None)  # same command again
     assert result.steps == 9
     client = MlflowClient(tracking_uri=result.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("attmask").experiment_id],
@@ -94,26 +96,26 @@ def test_unreadable_latest_checkpoint_is_named_and_an_older_one_resumed(ray_loca
                                                                          tmp_path):
     cfg = ray_cfg(synthetic_dir, tmp_path, "train.epochs=3", "train.run_name=torn",
                   "train.checkpoint_every_steps=2", "train.checkpoint_keep=5",
-                  "train.inject_fault_at_step=5", "tracking.log_images_every_epochs=0")
-    with pytest.raises(Exception):
-        run_pretrain(cfg, log=lambda s: None)  # stops at step 5 (max_failures=0)
+                  "tracking.log_images_every_epochs=0")
+    fault = FaultInjection(5)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_pretrain(cfg, fault=fault, log=lambda s: None)  # stops at step 5 (max_failures=0)
     checkpoints = sorted(p for p in (tmp_path / "ray" / "torn").glob("checkpoint_*") if p.is_dir())
     latest = checkpoints[-1] / "state.pt"
     assert load_checkpoint(latest)["step"] == 4
     latest.write_bytes(latest.read_bytes()[:2000])  # torn, e.g. a disk that filled up
     messages = []
-    result = run_pretrain(cfg, log=messages.append)  # same command again
+    result = run_pretrain(cfg, fault=fault, log=messages.append)  # same command again
     assert result.steps == 9
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_nan_loss_stops_the_run_with_the_step(ray_local, synthetic_dir, tmp_path):
-    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "train.inject_fault_at_step=4",
-                  "train.inject_fault_kind=nan", "tracking.log_images_every_epochs=0",
-                  "train.run_name=nan")
+    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2",
+                  "tracking.log_images_every_epochs=0", "train.run_name=nan")
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 4"):
-        run_pretrain(cfg, log=lambda s: None)
+        run_pretrain(cfg, fault=FaultInjection(4, "nan"), log=lambda s: None)
     checkpoints = sorted(p for p in (tmp_path / "ray" / "nan").glob("checkpoint_*") if p.is_dir())
     assert checkpoints  # the epoch-1 checkpoint (step 3) stays intact
     assert load_checkpoint(checkpoints[-1] / "state.pt")["step"] == 3

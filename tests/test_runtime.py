@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from attmask.errors import ConfigError
 from attmask.runtime import cosine_schedule, resolve_device, resolve_precision, step_seed
 
 
@@ -31,5 +32,5 @@ def test_step_seeds_differ_by_seed_rank_and_step_and_are_stable():
 def test_device_names_are_checked():
     assert resolve_device("cpu") == torch.device("cpu")
     for bad in ("foo", "meta", "cuda:99"):
-        with pytest.raises(Exception, match="--device"):
+        with pytest.raises(ConfigError, match="--device"):
             resolve_device(bad)

@@ -62,10 +62,15 @@ def test_same_run_name_resumes_from_latest_checkpoint(synthetic_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(synthetic_dir, tmp_path):
-    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=nan", "train.checkpoint_every_steps=1",
-                  "train.inject_fault_at_step=5", "train.inject_fault_kind=nan")
+    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=nan", "train.checkpoint_every_steps=1")
+
+    def diverge_at_step_5(engine):  # weights gone non-finite, as after a divergence
+        if engine.step == 4:
+            with torch.no_grad():
+                next(engine.student.parameters()).fill_(float("inf"))
+
     with pytest.raises(NonFiniteLossError, match="step 5"):
-        pretrain_local(cfg, log=lambda s: None)
+        pretrain_local(cfg, log=lambda s: None, before_step=diverge_at_step_5)
     kept = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert kept == ["step_00000003.pt", "step_00000004.pt"]
     assert load_checkpoint(tmp_path / "nan" / "checkpoints" / kept[-1])["step"] == 4
