@@ -185,6 +185,15 @@ def cmd_bench_step(args) -> int:
     return 0
 
 
+def cmd_check_cluster(args) -> int:
+    from pipelines.cluster_check import check_cluster_file
+
+    check_cluster_file(args.path)
+    print(f"{args.path}: passed (no service on every interface, MLflow behind basic auth, Ray "
+          "token auth left on, no credential written in the file)")
+    return 0
+
+
 def cmd_device_check(args) -> int:
     import platform
 
@@ -323,6 +332,11 @@ def build_parser() -> Parser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--json", default="device_check.json", help="where to write the figures")
     p.set_defaults(func=cmd_device_check)
+
+    p = sub.add_parser("check-cluster", help="check a Ray cluster launcher config's security "
+                                             "before `ray up` (MLflow auth, open hosts, secrets)")
+    p.add_argument("path", nargs="?", default="cluster.yaml")
+    p.set_defaults(func=cmd_check_cluster)
 
     p = sub.add_parser("prepare-data", help="write WebDataset shards and a manifest")
     p.add_argument("--source", required=True, help="synthetic, cifar10, npz or imagefolder")

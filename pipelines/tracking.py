@@ -56,7 +56,10 @@ def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
             try:
                 with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
                     if r.status == 200:
+                        check_credentials(uri, timeout_s)
                         return
+            except UserError:
+                raise
             except Exception as exc:  # noqa: BLE001 - any failure means unreachable
                 last = exc
             time.sleep(0.5 * (attempt + 1))
@@ -72,6 +75,34 @@ def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
     if uri.startswith(("file:", "./", "/")) or "://" not in uri:
         raise ConfigError(f"tracking.uri={uri}: MLflow 3 refuses the plain file store; use "
                           "sqlite:///PATH/mlflow.db or an http(s) mlflow server")
+
+
+def check_credentials(uri: str, timeout_s: float) -> None:
+    """A server running MLflow's basic-auth app answers 401 without valid credentials; say so
+    before any work. Credentials come from the environment, as MLflow's own client reads them."""
+    import base64
+    import urllib.error
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise UserError(
+                f"tracking.uri={uri}: the MLflow server requires credentials and "
+                + ("refused those of MLFLOW_TRACKING_USERNAME" if user and password else
+                   "none were given; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+            ) from None
+        if exc.code == 403:
+            raise UserError(f"tracking.uri={uri}: MLflow user {user!r} may not read "
+                            "experiments; ask the server's admin for a grant") from None
+        # 404 (no such experiment) and the like: the server answered, with our credentials
 
 
 def git_commit() -> str:

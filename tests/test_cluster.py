@@ -48,10 +48,67 @@ def test_broken_cluster_yaml_is_rejected(mutate, error):
         validate(cfg)
 
 
-def test_kuberay_manifest_shape():
-    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and "run_pipeline.py benchmark" in job["spec"]["entrypoint"]
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+def test_kuberay_manifest_shape_and_credentials_from_a_secret():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "rayjob.yaml").read_text())}
+    job = docs["RayJob"]
+    assert "run_pipeline.py benchmark" in job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert docs["Service"]["spec"]["type"] == "ClusterIP"
+    mlflow = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name basic-auth" in " ".join(mlflow["args"])
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
+            job["spec"]["submitterPodTemplate"], docs["Deployment"]["spec"]["template"]]
+    envs = [e for pod in pods for c in pod["spec"]["containers"] for e in c["env"]]
+    secret_names = {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    secrets = [e for e in envs if e["name"] in secret_names]
+    assert len(secrets) >= 6 and all("secretKeyRef" in e["valueFrom"] and "value" not in e
+                                     for e in secrets)
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in envs
+
+
+def test_the_shipped_cluster_passes_the_security_check():
+    from pipelines.cluster_check import security_problems
+
+    assert security_problems(shipped()) == []
+
+
+def _start_command(cfg: dict, program: str) -> int:
+    return next(i for i, c in enumerate(cfg["head_start_ray_commands"]) if program in c)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda c, i: c["head_start_ray_commands"].__setitem__(
+        i, "nohup mlflow server --host 0.0.0.0 --port 5000 > log 2>&1 &"),
+     ["without `--app-name basic-auth`", "(and 1 more)"]),
+    (lambda c, i: c["head_start_ray_commands"].__setitem__(i, c["head_start_ray_commands"][i]
+     .replace('--host "$(hostname -I | awk \'{print $1}\')"', "--host=0.0.0.0")),
+     ["--host 0.0.0.0", "every interface"]),
+    (lambda c, i: c["head_start_ray_commands"].append("ray start --head --dashboard-host 0.0.0.0"),
+     ["dashboard-host=0.0.0.0"]),
+    (lambda c, i: c["worker_start_ray_commands"].append("RAY_AUTH_MODE=disabled ray start"),
+     ["RAY_AUTH_MODE=disabled"]),
+    (lambda c, i: c["head_start_ray_commands"].append(
+        "export MLFLOW_AUTH_ADMIN_PASSWORD='hunter2-hunter2'; mlflow server --app-name basic-auth"),
+     ["MLFLOW_AUTH_ADMIN_PASSWORD is written into the file"]),
+    (lambda c, i: c["available_node_types"]["gpu_1x"].update(
+        worker_start_ray_commands=["export RAY_AUTH_TOKEN=abc123; ray start --address=x:6379"]),
+     ["available_node_types.gpu_1x.worker_start_ray_commands", "RAY_AUTH_TOKEN"]),
+], ids=["mlflow-open-no-auth", "mlflow-open", "dashboard-open", "auth-off", "password",
+        "token-in-node-type"])
+def test_an_open_service_or_written_credential_is_one_error_line(tmp_path, capsys, mutate, words):
+    from run_pipeline import main
+
+    cfg = shipped()
+    mutate(cfg, _start_command(cfg, "mlflow server"))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-cluster", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: ")
+    assert all(w in err[0] for w in words), err[0]
+    assert main(["check-cluster", str(ROOT / "cluster.yaml")]) == 0
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError
 from attmask.runtime import load_checkpoint
-from conftest import tiny_config
+from conftest import ROOT, tiny_config, tiny_yaml
 from pipelines.faults import FaultInjection
 from pipelines.pretrain import run_pretrain, validate_cluster
 
@@ -144,30 +144,89 @@ def test_multi_node_sqlite_is_rejected_by_validation():
     validate_cluster(cfg, "http://head:5000", "s3://bucket/runs", num_nodes=3)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def serve_mlflow(tmp_path, *extra: str, env: dict | None = None):
+    """An ``mlflow server`` on 127.0.0.1 started by this test (ended by its process group)."""
+    import urllib.request
+
     port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
          f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})))
     url = f"http://127.0.0.1:{port}"
-    import urllib.request
     for _ in range(120):
         try:
             urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
+            return url, proc
         except OSError:
             time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not start")
-    yield url, proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    pytest.fail("mlflow server did not start")
+
+
+def stop(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    url, proc = serve_mlflow(tmp_path)
+    yield url, proc
+    stop(proc)
+
+
+@pytest.fixture
+def mlflow_auth_server(tmp_path):
+    """MLflow's basic-auth app, its admin password from the environment as in cluster.yaml."""
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path}/"
+                   "auth.db\nadmin_username = admin\nauthorization_function = "
+                   "mlflow.server.auth:authenticate_request_basic_auth\n")
+    password = "test-" + os.urandom(8).hex()
+    url, proc = serve_mlflow(tmp_path, "--app-name", "basic-auth", env={
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()})
+    yield url, password
+    stop(proc)
+
+
+def test_basic_auth_server_takes_a_run_with_credentials_and_refuses_one_without(
+        synthetic_dir, tmp_path, mlflow_auth_server):
+    url, password = mlflow_auth_server
+    config = tiny_yaml(tmp_path / "tiny.yaml", "train.steps_per_epoch=2", "train.epochs=1",
+                       "data.local_crops_number=1", "tracking.log_images_every_epochs=0",
+                       "train.knn_every_epochs=0")
+    argv = [sys.executable, "run_pipeline.py", "pretrain", "--config", str(config),
+            f"data.path={synthetic_dir}", f"train.output_dir={tmp_path / 'runs'}",
+            f"tracking.uri={url}", "train.run_name=authed"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    for creds, words in (({}, "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+                         ({"MLFLOW_TRACKING_USERNAME": "admin",
+                           "MLFLOW_TRACKING_PASSWORD": "wrong-password"}, "refused")):
+        refused = subprocess.run(argv, env=env | creds, capture_output=True, text=True,
+                                 timeout=120, cwd=ROOT)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+        assert lines[0].startswith("error: tracking.uri=") and words in lines[0]
+        assert not (tmp_path / "runs").exists()  # refused before any work
+    creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+    done = subprocess.run(argv, env=env | creds, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    os.environ.update(creds)  # the test's own client reads them as MLflow's client does
+    try:
+        client = MlflowClient(tracking_uri=url)
+        run = client.search_runs([client.get_experiment_by_name("attmask").experiment_id],
+                                 "tags.`attmask.run_name` = 'authed'")[0]
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    finally:
+        for key in creds:
+            os.environ.pop(key)
 
 
 def test_mlflow_server_and_losing_it_mid_run(ray_local, synthetic_dir, tmp_path, mlflow_server):
