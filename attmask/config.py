@@ -264,13 +264,15 @@ class TrackingConfig:
 class RayConfig:
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0  # fractions allowed, as Ray's (e.g. 0.99 beside a Tune driver)
     storage_path: Optional[str] = None  # None: <train.output_dir>/ray
     max_failures: int = 0
 
     def validate(self, p: str) -> None:
         _range(f"{p}.num_workers", self.num_workers, 1, 4096)
-        _range(f"{p}.cpus_per_worker", self.cpus_per_worker, 1, 1024)
+        if not 0 < self.cpus_per_worker <= 1024:
+            raise ConfigError(f"{p}.cpus_per_worker={self.cpus_per_worker}: allowed range is "
+                              "(0, 1024]")
         _range(f"{p}.max_failures", self.max_failures, -1, 1000)
 
 

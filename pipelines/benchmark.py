@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -210,7 +211,7 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     tracker = Tracker.connect(first)
     report_dir = Path(report_root) / spec.name
     runs: list[RunRecord] = []
-    workers = first.ray.num_workers * first.ray.cpus_per_worker
+    workers = math.ceil(first.ray.num_workers * first.ray.cpus_per_worker)
     with ray_session(address, num_cpus=workers):
         parent = tracker.open_run(first, spec.bench_name,
                                   tags={"kind": "benchmark", "benchmark": spec.name})

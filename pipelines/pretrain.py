@@ -9,6 +9,7 @@ rank 0 logs to MLflow from a background thread.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class PretrainResult:
     logging: dict
     wall_s: float
     device: str = ""
+    node_id: str = ""  # the Ray node rank 0 finished on
 
 
 def validate_cluster(cfg: Config, uri: str, storage: str, num_nodes: int) -> None:
@@ -92,7 +94,7 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
     if "://" not in str(cfg.data.path or ""):
         open_dataset(cfg)  # local data is checked here, before any worker starts
     workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
-    with ray_session(address, num_cpus=workers * cpus):
+    with ray_session(address, num_cpus=math.ceil(workers * cpus)):
         validate_cluster(cfg, uri, storage, alive_nodes())
         import ray
 
@@ -126,7 +128,7 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
                           value.get("metrics", result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None,
                           value.get("logging", {}), time.perf_counter() - start,
-                          value.get("device", ""))
+                          value.get("device", ""), value.get("node_id", ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +243,8 @@ def train_worker(loop_config: dict) -> dict:
     from attmask.runtime import describe_device
 
     out = {"steps": result.steps, "metrics": result.final_metrics,
-           "device": f"{describe_device(engine.device)}, {engine.precision}, {world} worker(s)"}
+           "device": f"{describe_device(engine.device)}, {engine.precision}, {world} worker(s)",
+           "node_id": ray.get_runtime_context().get_node_id()}
     if logger is not None:
         with tempfile.TemporaryDirectory() as d:
             teacher = export_teacher(engine, Path(d) / "teacher_backbone.safetensors")

@@ -400,7 +400,11 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
                     max_concurrent_trials=spec.max_concurrent,
                     trial_name_creator=lambda t: f"{search}_{t.trial_id.split('_')[-1]}",
                     trial_dirname_creator=lambda t: t.trial_id.split("_")[-1]),
-                run_config=tune.RunConfig(name=search, storage_path=str(tune_dir), verbose=0))
+                # A trial whose driver died with its node is retried; its run resumes from the
+                # run's last checkpoint (same run name, same storage).
+                run_config=tune.RunConfig(
+                    name=search, storage_path=str(tune_dir), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=base.ray.max_failures)))
         grid = tuner.fit()
     rows = results_table(grid, spec)
     best_row = _best(rows, spec)

@@ -74,3 +74,65 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     engine = Engine(tiny_config(), steps_per_epoch=2)
     engine.train_step(torch.randn(2, 8, 3, 32, 32), torch.randn(2, 8, 3, 16, 16))
     return engine.save(tmp_path_factory.mktemp("ckpt") / "state.pt")
+
+
+# ---------------------------------------------------------------------------------- servers
+# Real services started by the tests on 127.0.0.1, each ended by the PID (group) it started.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_mlflow(tmp_path: Path, *extra: str, env: dict | None = None):
+    """An ``mlflow server`` on 127.0.0.1 (its own process group); returns (url, process)."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return url, proc
+        except OSError:
+            time.sleep(0.5)
+    stop_process(proc)
+    pytest.fail("mlflow server did not start")
+
+
+def stop_process(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def serve_folder(folder: Path):
+    """A folder over HTTP on 127.0.0.1 from a thread of this process; returns (url, server)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server

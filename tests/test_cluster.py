@@ -1,7 +1,6 @@
 """cluster.yaml validated offline with Ray's own checks; job submission to a real local head."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def validate(cfg: dict) -> None:
@@ -109,12 +108,6 @@ def test_an_open_service_or_written_credential_is_one_error_line(tmp_path, capsy
     assert len(err) == 1 and err[0].startswith(f"error: {path}: ")
     assert all(w in err[0] for w in words), err[0]
     assert main(["check-cluster", str(ROOT / "cluster.yaml")]) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_pids(marks: list[str]) -> set[int]:

@@ -1,11 +1,8 @@
 """Sources -> shards -> streams, and every bad-input case of the data issue."""
-import functools
-import http.server
 import itertools
 import json
 import os
 import tarfile
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from attmask.data.stream import (
 from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
 from attmask.data.transforms import MEAN, STD, EvalTransform, MultiCropTransform
 from attmask.errors import DataError
-from conftest import tiny_config
+from conftest import serve_folder, tiny_config
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -380,18 +377,9 @@ def test_a_resumed_epoch_replays_the_same_batches(synthetic_dir, workers):
     assert not torch.equal(other_epoch["global"], straight[0]["global"])
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def test_http_url_stream_matches_file_stream(synthetic_dir):
-    handler = functools.partial(QuietHandler, directory=str(synthetic_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    url, server = serve_folder(synthetic_dir)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
         remote, local = load_dataset(url), load_dataset(synthetic_dir)
         assert remote.manifest == local.manifest
         get = lambda ds: [(k, int(y)) for b in make_loader(  # noqa: E731

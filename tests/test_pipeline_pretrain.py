@@ -1,7 +1,6 @@
 """Ray Train pretraining with real Ray, real MLflow (SQLite and an `mlflow server`), real shards."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError
 from attmask.runtime import load_checkpoint
-from conftest import ROOT, tiny_config, tiny_yaml
+from conftest import ROOT, free_port, serve_mlflow, stop_process, tiny_config, tiny_yaml
 from pipelines.faults import FaultInjection
 from pipelines.pretrain import run_pretrain, validate_cluster
 
@@ -121,12 +120,6 @@ def test_nan_loss_stops_the_run_with_the_step(ray_local, synthetic_dir, tmp_path
     assert load_checkpoint(checkpoints[-1] / "state.pt")["step"] == 3
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_fast(synthetic_dir, tmp_path):
     cfg = ray_cfg(synthetic_dir, tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}",
                   "tracking.timeout_s=1")
@@ -144,39 +137,11 @@ def test_multi_node_sqlite_is_rejected_by_validation():
     validate_cluster(cfg, "http://head:5000", "s3://bucket/runs", num_nodes=3)
 
 
-def serve_mlflow(tmp_path, *extra: str, env: dict | None = None):
-    """An ``mlflow server`` on 127.0.0.1 started by this test (ended by its process group)."""
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return url, proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    pytest.fail("mlflow server did not start")
-
-
-def stop(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     url, proc = serve_mlflow(tmp_path)
     yield url, proc
-    stop(proc)
+    stop_process(proc)
 
 
 @pytest.fixture
@@ -191,7 +156,7 @@ def mlflow_auth_server(tmp_path):
         "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()})
     yield url, password
-    stop(proc)
+    stop_process(proc)
 
 
 def test_basic_auth_server_takes_a_run_with_credentials_and_refuses_one_without(
