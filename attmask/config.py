@@ -227,6 +227,9 @@ class DataConfig:
     global_crops_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
     local_crops_number: int = 6
+    # Gaussian blur sigma: "official" U(0.1, 2) px for every crop (DINO/iBOT/AttMask code), or
+    # "scaled": that range at 224 px, scaled with the crop size (small CPU crops stay legible).
+    blur_sigma: Literal["scaled", "official"] = "scaled"
     num_workers: int = 2
     shuffle_buffer: int = 1000
     verify_checksums: bool = True

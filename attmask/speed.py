@@ -200,7 +200,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     engine = Engine(pretrain_cfg, steps_per_epoch=pretrain_steps, device=device)
     images = ObjectsOnBackgrounds(m.image_size, seed=0)
     crops = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
-                               d.local_crops_scale, d.local_crops_number)
+                               d.local_crops_scale, d.local_crops_number, d.blur_sigma)
     batch_size, history = pretrain_cfg.train.batch_size_per_worker, []
     start = None
     for step in range(pretrain_steps):

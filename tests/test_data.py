@@ -11,7 +11,9 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision.transforms import v2
 
+from attmask.config import load_config
 from attmask.data.prepare import PrepareArgs, prepare_data
 from attmask.data.shards import MANIFEST, load_dataset, png_bytes, sha256_file
 from attmask.data.stream import (
@@ -501,3 +503,19 @@ def test_s3_manifest_and_shards_go_through_the_aws_cli(synthetic_dir, tmp_path, 
     get = lambda ds: [k for b in make_loader(  # noqa: E731
         EvalStream(ds, "test", EvalTransform(32), 8), 0) for k in b["key"]]
     assert get(remote) == get(local)
+
+
+def _blur_sigmas(compose) -> tuple[float, float]:
+    (blur,) = [t.transforms[0] for t in compose.transforms
+               if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.GaussianBlur)]
+    return tuple(blur.sigma)
+
+
+def test_blur_sigma_is_the_official_range_or_scaled_with_the_crop():
+    official = MultiCropTransform(224, 96, local_number=1, blur_sigma="official")
+    scaled = MultiCropTransform(224, 96, local_number=1)
+    assert _blur_sigmas(official.local) == _blur_sigmas(official.global1) == (0.1, 2.0)
+    assert _blur_sigmas(scaled.global1) == (0.1, 2.0)  # 224 px: the two agree
+    assert _blur_sigmas(scaled.local) == pytest.approx((0.1 * 96 / 224, 2.0 * 96 / 224))
+    assert load_config("paper-20pct-in1k").data.blur_sigma == "official"
+    assert load_config("tiny-cpu").data.blur_sigma == "scaled"

@@ -313,7 +313,7 @@ def train_batches(dataset: Dataset, cfg: Config, *, epoch: int, steps: int, rank
     """Exactly ``steps - skip`` batches of epoch ``epoch`` (``skip`` resumes mid-epoch)."""
     m, d = cfg.model, cfg.data
     transform = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
-                                   d.local_crops_scale, d.local_crops_number)
+                                   d.local_crops_scale, d.local_crops_number, d.blur_sigma)
     stream = TrainStream(dataset, d.split, transform, cfg.train.batch_size_per_worker, rank=rank,
                          world_size=world_size, seed=cfg.train.seed, epoch=epoch,
                          shuffle_buffer=d.shuffle_buffer, min_size=m.image_size,

@@ -3,8 +3,10 @@
 Photometric recipe of DINO (Caron et al., 2021) as used by iBOT and AttMask: flip, colour jitter
 (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur (p=1.0 on global crop 1, 0.1 on
 global crop 2, 0.5 on local crops), solarisation p=0.2 on global crop 2 only, ImageNet
-normalisation. Runs on uint8 tensors with torchvision's v2 transforms. The blur radius range
-(0.1, 2) px is defined at 224 px and scaled with the crop size, so small crops are not erased.
+normalisation. Runs on uint8 tensors with torchvision's v2 transforms. Blur radius: the
+official code draws sigma from U(0.1, 2) px for every crop size (``blur_sigma="official"``, the
+paper presets); by default (``"scaled"``) that range is defined at 224 px and scaled with the crop
+size, so the 16 px crops of the CPU presets are not erased.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from torchvision.transforms import v2
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _blur(size: int, p: float) -> v2.Transform:
-    sigma_max = 2.0 * size / 224
-    kernel = 2 * max(1, round(3 * sigma_max)) + 1
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1 * size / 224, sigma_max))], p=p)
+def _blur(size: int, p: float, sigma: str) -> v2.Transform:
+    scale = size / 224 if sigma == "scaled" else 1.0
+    sigma_range = (0.1 * scale, 2.0 * scale)
+    kernel = 2 * max(1, round(3 * sigma_range[1])) + 1  # +-3 sigma of the widest draw
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma_range)], p=p)
 
 
 def _finish() -> v2.Transform:
@@ -35,16 +38,17 @@ class MultiCropTransform:
 
     def __init__(self, global_size: int = 224, local_size: int = 96,
                  global_scale: tuple[float, float] = (0.25, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.25), local_number: int = 6) -> None:
+                 local_scale: tuple[float, float] = (0.05, 0.25), local_number: int = 6,
+                 blur_sigma: str = "scaled") -> None:
         crop = lambda size, scale: v2.RandomResizedCrop(  # noqa: E731
             size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         self.global1 = v2.Compose([crop(global_size, global_scale), *_photometric(),
-                                   _blur(global_size, 1.0), _finish()])
+                                   _blur(global_size, 1.0, blur_sigma), _finish()])
         self.global2 = v2.Compose([crop(global_size, global_scale), *_photometric(),
-                                   _blur(global_size, 0.1), v2.RandomSolarize(128, p=0.2),
+                                   _blur(global_size, 0.1, blur_sigma), v2.RandomSolarize(128, p=0.2),
                                    _finish()])
         self.local = v2.Compose([crop(local_size, local_scale), *_photometric(),
-                                 _blur(local_size, 0.5), _finish()])
+                                 _blur(local_size, 0.5, blur_sigma), _finish()])
         self.local_number = local_number
 
     def __call__(self, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
