@@ -259,6 +259,9 @@ class TrackingConfig:
             raise ConfigError(f"{p}.uri={self.uri}: allowed: an MLflow server (http://HOST:PORT, "
                               "https://...) or a database (sqlite:///PATH, postgresql://, "
                               "mysql://); not a file store")
+        if not SAFE_NAME.fullmatch(self.experiment):  # it names the registered model too
+            raise ConfigError(f"{p}.experiment={self.experiment[:80]!r}: use 1-128 letters, "
+                              "digits and . _ - (starting with a letter or digit)")
         _range(f"{p}.log_images_every_epochs", self.log_images_every_epochs, 0, 100_000)
         _range(f"{p}.timeout_s", self.timeout_s, 0.1, 600)
 

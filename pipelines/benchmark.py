@@ -242,7 +242,7 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
     try:
         log(f"{record.run_name}: pretraining")
         trained = run_pretrain(cfg, parent_run_id=parent, fault=fault, log=log)
-        record.mlflow_run_id = trained.mlflow_run_id
+        record.mlflow_run_id, record.model_version = trained.mlflow_run_id, trained.model_version
         record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
         record.device = trained.device
         out = report_dir / "runs" / f"{strategy}-s{seed}"
@@ -290,6 +290,7 @@ def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
     record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
     record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
     record.device = run.data.tags.get("cost.device", "")
+    record.model_version = run.data.tags.get("model_version", "")
     record.knn_history = _knn_history(tracker, run_id)
     return True
 

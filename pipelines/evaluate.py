@@ -219,6 +219,9 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     return results
 
 
+MODEL_TAGS = ("eval/knn_k20_top1", "eval/linear_top1", "eval/bg_gap")
+
+
 def evaluation_run_name(checkpoint: str | Path) -> str:
     """An evaluation's MLflow run is keyed by what it evaluates: the checkpoint's content, so
     two models never share a run (whatever their folders are called) and re-evaluating the same
@@ -240,9 +243,15 @@ def _log_to_mlflow(cfg: Config, run_id: Optional[str], checkpoint: str, out: Pat
     if created:
         run_id = tracker.open_run(cfg, evaluation_run_name(checkpoint),
                                   tags={"kind": "evaluation"})
-    tracker.log_metrics(run_id, flat_metrics(results))
+    metrics = flat_metrics(results)
+    tracker.log_metrics(run_id, metrics)
     for name in ["results.json", *pictures]:
         tracker.log_artifact(run_id, out / name, "eval")
+    if not created and (version := tracker.model_version(run_id)) is not None:
+        # The registered backbone carries its headline scores, to pick a version by them.
+        tracker.tag_model_version(version, {key.removeprefix("eval/"): f"{value:.4f}"
+                                            for key, value in metrics.items()
+                                            if key in MODEL_TAGS})
     if created:
         tracker.finish(run_id)
     return run_id

@@ -8,6 +8,7 @@ rank 0 logs to MLflow from a background thread.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -41,6 +42,7 @@ class PretrainResult:
     wall_s: float
     device: str = ""
     node_id: str = ""  # the Ray node rank 0 finished on
+    model_version: str = ""  # the teacher backbone in MLflow's registry: NAME/VERSION
 
 
 def validate_cluster(cfg: Config, uri: str, storage: str, num_nodes: int) -> None:
@@ -123,12 +125,16 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
                 raise
             raise cause from exc
     value = result.return_value or {}
+    version = tracker.register_model(run_id, {
+        "strategy": cfg.masking.strategy, "seed": str(cfg.train.seed), "run_name": run_name,
+        "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]})
     tracker.finish(run_id, "FINISHED")
     return PretrainResult(run_name, run_id, uri, storage, int(value.get("steps", 0)),
                           value.get("metrics", result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None,
                           value.get("logging", {}), time.perf_counter() - start,
-                          value.get("device", ""), value.get("node_id", ""))
+                          value.get("device", ""), value.get("node_id", ""),
+                          f"{tracker.model_name}/{version}")
 
 
 # ----------------------------------------------------------------------------------------------

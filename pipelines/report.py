@@ -28,6 +28,7 @@ class RunRecord:
     error: Optional[str] = None
     skipped: bool = False  # found finished in MLflow, not rerun
     overlay_png: Optional[bytes] = None
+    model_version: str = ""  # the teacher backbone in MLflow's registry: NAME/VERSION
 
 
 @dataclass
@@ -227,10 +228,12 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
                               mean_std(metric_values(rows.strategies[s], ("attention", "object_share")))]
                              for s in strategies]))
     tables.append(Table("Cost per run", ["run", "wall time (s)", "train images/s", "device",
-                                         "status"],
+                                         "registered model", "status"],
                         [[r.run_name, f"{r.wall_s:.0f}", f"{r.images_per_s:.1f}", r.device,
-                          "failed: " + r.error if r.error else
-                          ("reused (finished earlier)" if r.skipped else "ok")] for r in runs]))
+                          r.model_version or "-", "failed: " + r.error if r.error else
+                          ("reused (finished earlier)" if r.skipped else "ok")] for r in runs],
+                        note="Each run's teacher backbone is a version of the registered model "
+                             "(`mlflow.artifacts.download_artifacts('models:/NAME/VERSION')`)."))
     return tables
 
 

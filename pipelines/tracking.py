@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import subprocess
 import tempfile
 import threading
@@ -152,7 +153,7 @@ class Tracker:
 
         configure_client(timeout_s)
         self.uri, self.experiment, self.storage = uri, experiment, storage
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @classmethod
     def connect(cls, cfg: Config) -> "Tracker":
@@ -236,6 +237,37 @@ class Tracker:
             return None
         return Path(self.client.download_artifacts(run_id, artifact_path,
                                                    str(dst) if dst else None))
+
+    @property
+    def model_name(self) -> str:
+        """The registered model of this experiment's teacher backbones (a version per run)."""
+        return f"{self.experiment}-teacher"
+
+    def register_model(self, run_id: str, tags: dict[str, str]) -> str:
+        """Register the run's logged ``model/`` (the teacher backbone) as a version of
+        :attr:`model_name`, once per run; returns the version."""
+        if (found := self.model_version(run_id)) is not None:
+            return found
+        if not self.client.search_registered_models(f"name = '{self.model_name}'"):
+            self.client.create_registered_model(
+                self.model_name, description="AttMask teacher backbones (timm key names, "
+                "safetensors); one version per pretraining run")
+        version = self.client.create_model_version(self.model_name, f"runs:/{run_id}/model",
+                                                   run_id=run_id, tags=tags)
+        self.client.set_tag(run_id, "model_version", f"{self.model_name}/{version.version}")
+        return str(version.version)
+
+    def model_version(self, run_id: str) -> Optional[str]:
+        """The registered version of ``run_id``'s backbone, if it has one."""
+        if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+            raise UserError(f"run id {run_id!r}: expected 32 hex digits")
+        found = self.client.search_model_versions(
+            f"name = '{self.model_name}' and run_id = '{run_id}'")
+        return str(found[0].version) if found else None
+
+    def tag_model_version(self, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, key, value)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Close the run; a store that went away was already reported by the logger."""

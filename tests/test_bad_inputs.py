@@ -371,6 +371,7 @@ CASES = [
     (TRAIN + ["--max-steps", "0"], ["--max-steps"]),
     (TRAIN + ["--max-steps", "ten"], ["--max-steps"]),
     (TRAIN + ["--inject-fault", "0"], ["--inject-fault", "STEP"]),
+    (TRAIN + ["tracking.experiment=it's"], ["tracking.experiment"]),
     (["check-cluster", "/nonexistent/cluster.yaml"], ["/nonexistent/cluster.yaml", "cannot read"]),
     (TRAIN + ["--inject-fault", "3:boom"], ["--inject-fault", "KIND"]),
     (TRAIN + ["--inject-fault", "3:nan:x"], ["--inject-fault", "RANK"]),

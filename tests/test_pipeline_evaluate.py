@@ -39,6 +39,10 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     client = MlflowClient(tracking_uri=trained.tracking_uri)
     run = client.get_run(trained.mlflow_run_id)
     assert run.data.metrics["eval/knn_k20_top1"] == on_disk["knn"]["k20"]["top1"]
+    version = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri
+                           ).get_model_version(*trained.model_version.split("/"))
+    assert float(version.tags["knn_k20_top1"]) == pytest.approx(on_disk["knn"]["k20"]["top1"],
+                                                                abs=1e-4)
     assert "eval/bg_gap" in run.data.metrics and "eval/fewshot_1_mean" in run.data.metrics
     # both reference points, with the same protocols, in results.json and in MLflow
     base = on_disk["baselines"]

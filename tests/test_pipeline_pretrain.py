@@ -47,6 +47,13 @@ def test_two_workers_with_mlflow_readback(ray_local, synthetic_dir, tmp_path):
                  for a in client.list_artifacts(result.mlflow_run_id, d)}
     assert {"config/config.yaml", "model/teacher_backbone.safetensors",
             "checkpoint/state.pt", "attention/epoch_0001.png"} <= artifacts
+    # the teacher backbone is a registered model version, tagged with what produced it
+    assert run.data.tags["model_version"] == result.model_version == "attmask-teacher/1"
+    registry = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
+    version = registry.get_model_version("attmask-teacher", "1")
+    assert version.run_id == result.mlflow_run_id and version.source.endswith("/model")
+    assert version.tags["strategy"] == "attmask_high" and version.tags["run_name"] == "two"
+    assert len(version.tags["config_sha256"]) == 16
     state = load_checkpoint(os.path.join(result.checkpoint_path, "state.pt"))
     assert state["step"] == 6
 

@@ -1,4 +1,6 @@
 """The MLflow edge on a real SQLite store: the background logger and safe search filters."""
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -51,3 +53,34 @@ def test_tracker_reopens_a_run_by_name_and_round_trips_metrics_and_artifacts(tmp
     found = tracker.find_run({"attmask.run_name": "r1", "kind": "test"})
     assert found is not None and found.info.run_id == run_id
     assert found.data.params["masking.strategy"] == cfg.masking.strategy
+
+
+def test_each_run_registers_its_backbone_once_and_it_loads_by_name_and_version(tmp_path):
+    import mlflow
+
+    from attmask.config import load_config
+    from pipelines.tracking import Tracker
+
+    cfg = load_config("tiny-cpu", overrides={"train.output_dir": str(tmp_path)})
+    tracker = Tracker.connect(cfg)
+    runs = [tracker.open_run(cfg, f"r{i}") for i in range(2)]
+    for run_id in runs:
+        (tmp_path / "teacher_backbone.safetensors").write_bytes(run_id.encode())
+        tracker.log_artifact(run_id, tmp_path / "teacher_backbone.safetensors", "model")
+    assert tracker.model_version(runs[0]) is None
+    assert [tracker.register_model(r, {"strategy": "random"}) for r in runs] == ["1", "2"]
+    assert tracker.register_model(runs[0], {}) == "1"  # a resumed run keeps its version
+    tracker.tag_model_version("2", {"knn_k20_top1": "0.3125"})
+    version = tracker.client.get_model_version("attmask-teacher", "2")
+    assert version.tags == {"strategy": "random", "knn_k20_top1": "0.3125"}
+    assert tracker.client.get_run(runs[1]).data.tags["model_version"] == "attmask-teacher/2"
+    mlflow.set_registry_uri(tracker.uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri="models:/attmask-teacher/2",
+                                                    dst_path=str(tmp_path / "dl"),
+                                                    tracking_uri=tracker.uri)
+    finally:
+        mlflow.set_registry_uri("")
+    assert (Path(local) / "teacher_backbone.safetensors").read_bytes() == runs[1].encode()
+    with pytest.raises(UserError, match="32 hex digits"):
+        tracker.model_version("x' or '1'='1")
