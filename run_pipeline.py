@@ -107,7 +107,7 @@ def cmd_evaluate(args) -> int:
 
     cfg = load_cfg(args)
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
-                          max_test_samples=args.max_test)
+                          max_test_samples=args.max_test, finetune_epochs=args.finetune_epochs)
     if args.suite is not None:
         options.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
     baselines = tuple(b.strip() for b in args.baselines.split(",")
@@ -285,13 +285,16 @@ def build_parser() -> Parser:
                                           "(with --preset/--config for the architecture)")
     src.add_argument("--mlflow-run", help="pretraining run id (its logged checkpoint is used)")
     p.add_argument("--data", required=True, help="shard directory with dataset.json")
-    p.add_argument("--suite", help="comma list of knn,linear,fewshot,robustness,attention")
+    p.add_argument("--suite", help="comma list of knn,linear,fewshot,robustness,attention "
+                                   "(the default) and finetune")
     p.add_argument("--robustness-set", help="folder with train_original.npz, test_<variant>.npz")
     p.add_argument("--baselines", default="init,pixels",
                    help="reference points scored with the same protocols: init (the untrained "
                         "network of the checkpoint's seed), pixels; 'none' to skip")
     p.add_argument("--out", default="eval", help="output directory (results.json, plots)")
     p.add_argument("--probe-epochs", type=count(1), default=100)
+    p.add_argument("--finetune-epochs", type=count(1), default=3,
+                   help="epochs of the short fine-tuning schedule (--suite ...,finetune)")
     p.add_argument("--max-train", type=count(1), help="cap on train images (features)")
     p.add_argument("--max-test", type=count(1), help="cap on images per test split")
     p.add_argument("--address", help="attach to a running cluster")

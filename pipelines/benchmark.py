@@ -33,7 +33,7 @@ from attmask.config import (
 )
 from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
-from attmask.eval.suite import SUITE, EvalOptions
+from attmask.eval.suite import DEFAULT_SUITE, EvalOptions
 from pipelines.faults import FaultInjection
 from pipelines.report import (
     KNN,
@@ -53,7 +53,7 @@ TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies",
             "evaluation"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
              "image_size", "seed"}
-EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test"}
+EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
 
 
@@ -103,7 +103,8 @@ class BenchmarkSpec:
         e = self.evaluation
         options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
                               max_train_samples=e.get("max_train"),
-                              max_test_samples=e.get("max_test"))
+                              max_test_samples=e.get("max_test"),
+                              finetune_epochs=e.get("finetune_epochs", 3))
         if "suite" in e:
             options.suite = e["suite"]
         return options
@@ -180,7 +181,7 @@ def plan(spec: BenchmarkSpec) -> str:
         f"{first.ray.num_workers} worker(s) per run",
         f"runs: {len(spec.configs)} = strategies {', '.join(spec.strategies)} x seeds "
         f"{spec.seeds}",
-        f"evaluation: {', '.join(spec.evaluation.get('suite', SUITE))}",
+        f"evaluation: {', '.join(spec.evaluation.get('suite', DEFAULT_SUITE))}",
         f"report: reports/{spec.name}/report.md and report.html"])
 
 

@@ -127,7 +127,7 @@ def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, 
         log(f"baseline {kind}: reusing {path}")
         return json.loads(path.read_text())
     part_args = dict(args, baseline=kind, config=model_cfg.to_yaml())
-    parts = [p for p in suite if not (kind == "pixels" and p == "attention")]
+    parts = [p for p in suite if not (kind == "pixels" and p in ("attention", "finetune"))]
     results, _ = _evaluate_parts(part_args, parts, task, log, f"baseline {kind}: ")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -141,6 +141,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
     out = {}
     for k, acc in results.get("knn", {}).items():
         out[f"eval/knn_{k}_top1"], out[f"eval/knn_{k}_top5"] = acc["top1"], acc["top5"]
+    if "top1" in results.get("finetune", {}):
+        out["eval/finetune_top1"] = results["finetune"]["top1"]
     if "top1" in results.get("linear", {}):
         out["eval/linear_top1"] = results["linear"]["top1"]
         out["eval/linear_val_top1"] = results["linear"]["val_top1"]
@@ -219,7 +221,7 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     return results
 
 
-MODEL_TAGS = ("eval/knn_k20_top1", "eval/linear_top1", "eval/bg_gap")
+MODEL_TAGS = ("eval/knn_k20_top1", "eval/linear_top1", "eval/finetune_top1", "eval/bg_gap")
 
 
 def evaluation_run_name(checkpoint: str | Path) -> str:

@@ -392,6 +392,7 @@ CASES = [
     (["no-such-command"], ["invalid choice"]),
     # -- evaluation options -------------------------------------------------------------------
     (EVAL + ["--probe-epochs", "0"], ["--probe-epochs"]),
+    (EVAL + ["--finetune-epochs", "0"], ["--finetune-epochs"]),
     (EVAL + ["--max-train", "-1"], ["--max-train"]),
     (EVAL + ["--max-test", "0"], ["--max-test"]),
     (EVAL + ["--suite", "knn,segmentation"], ["--suite", "segmentation"]),

@@ -120,3 +120,19 @@ def test_cli_evaluates_a_safetensors_backbone_with_its_config(ray_local, synthet
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["knn"]["k20"]["top1"] <= 1.0
+
+
+def test_fine_tuning_runs_as_a_task_with_its_init_baseline(ray_local, synthetic_dir, tmp_path,
+                                                           tiny_checkpoint):
+    cfg = tiny_config(f"train.output_dir={tmp_path}")
+    options = EvalOptions(suite=["finetune"], finetune_epochs=1, finetune_max_train=40,
+                          max_test_samples=20)
+    results = run_evaluate(cfg, data=str(synthetic_dir), checkpoint=str(tiny_checkpoint),
+                           out_dir=str(tmp_path / "ft"), options=options, baselines=("init",),
+                           log=lambda s: None)
+    assert set(results) >= {"finetune", "baselines"} and "knn" not in results
+    assert results["finetune"]["train_images"] == 40
+    assert results["baselines"]["init"]["finetune"]["steps"] == results["finetune"]["steps"]
+    metrics = flat_metrics(results)
+    assert metrics["eval/finetune_top1"] == results["finetune"]["top1"]
+    assert metrics["eval/init/finetune_top1"] == results["baselines"]["init"]["finetune"]["top1"]

@@ -29,18 +29,20 @@ from attmask.eval.attention import attention_on_object
 from attmask.eval.baselines import baseline_id, baseline_model
 from attmask.eval.features import Features, extract_features
 from attmask.eval.fewshot import fewshot_knn
+from attmask.eval.finetune import finetune
 from attmask.eval.knn import knn_accuracy
 from attmask.eval.linear import accuracy, confusion_matrix, train_probe
 from attmask.models.vit import MaskedViT, build_backbone
 from attmask.runtime import load_checkpoint, resolve_device
 
-SUITE = ["knn", "linear", "fewshot", "robustness", "attention"]
+SUITE = ["knn", "linear", "fewshot", "robustness", "attention", "finetune"]  # every part
+DEFAULT_SUITE = SUITE[:5]  # fine-tuning trains the whole network: asked for by name
 VARIANT_PREFIX = "test_"
 
 
 @dataclass
 class EvalOptions:
-    suite: list[str] = field(default_factory=lambda: list(SUITE))
+    suite: list[str] = field(default_factory=lambda: list(DEFAULT_SUITE))
     knn_ks: tuple[int, ...] = (10, 20, 100, 200)
     knn_blocks: int = 1
     linear_blocks: int = 4
@@ -50,6 +52,12 @@ class EvalOptions:
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
     batch_size: int = 256
+    # Fine-tuning (short BEiT/iBOT schedule, attmask/eval/finetune.py)
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-3
+    finetune_layer_decay: float = 0.75
+    finetune_max_train: int = 5000  # images held in memory for the short schedule
+    finetune_batch_size: int = 64
 
     def validate(self) -> "EvalOptions":
         """Checks every option (CLI flags and a benchmark's ``evaluation:`` alike) before any
@@ -60,7 +68,10 @@ class EvalOptions:
             raise UserError(f"--suite {','.join(map(str, suite))}: allowed parts are "
                             f"{','.join(SUITE)}")
         positive = {"probe_epochs": self.probe_epochs, "batch_size": self.batch_size,
-                    "knn_blocks": self.knn_blocks, "linear_blocks": self.linear_blocks}
+                    "knn_blocks": self.knn_blocks, "linear_blocks": self.linear_blocks,
+                    "finetune_epochs": self.finetune_epochs,
+                    "finetune_max_train": self.finetune_max_train,
+                    "finetune_batch_size": self.finetune_batch_size}
         positive.update({name: value for name, value in (("max_train", self.max_train_samples),
                                                           ("max_test", self.max_test_samples))
                          if value is not None})
@@ -71,8 +82,13 @@ class EvalOptions:
         for name, values in (("knn_ks", self.knn_ks), ("shots", self.shots)):
             if not values or not all(_is_int(v) and v >= 1 for v in values):
                 raise UserError(f"{name}={values!r}: must be integers >= 1")
-        if not isinstance(self.probe_lr, (int, float)) or not self.probe_lr > 0:
-            raise UserError(f"probe_lr={self.probe_lr!r}: must be a number > 0")
+        for name in ("probe_lr", "finetune_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise UserError(f"{name}={value!r}: must be a number > 0")
+        decay = self.finetune_layer_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise UserError(f"finetune_layer_decay={decay!r}: allowed range is (0, 1]")
         return self
 
 
@@ -360,6 +376,26 @@ class Evaluator:
         return attention_on_object(self.backbone, make_loader(stream, 0), self.cfg.model.patch_size,
                                    layer=m.layer, head_reduce=m.head_reduce, mask_ratio=mid,
                                    device=self.device)
+
+    def finetune(self) -> dict:
+        """The whole network trained end to end from these weights (short schedule) on a
+        class-stratified subset of the train split, scored on the test split."""
+        if self.backbone is None:
+            return {"skipped": "raw pixels have no network to fine-tune"}
+        o = self.options
+        limit = min(o.finetune_max_train, o.max_train_samples or o.finetune_max_train)
+        images, labels = [], []
+        for batch in make_loader(EvalStream(self.dataset, "train", self.transform, o.batch_size,
+                                            keys=stratified_keys(self.dataset, "train", limit)), 0):
+            images.append(batch["image"])
+            labels.append(batch["label"])
+        test = make_loader(EvalStream(
+            self.dataset, "test", self.transform, o.batch_size,
+            keys=stratified_keys(self.dataset, "test", o.max_test_samples)), 0)
+        return finetune(self.backbone, torch.cat(images), torch.cat(labels), test,
+                        self.num_classes, epochs=o.finetune_epochs, lr=o.finetune_lr,
+                        layer_decay=o.finetune_layer_decay, batch_size=o.finetune_batch_size,
+                        seed=self.cfg.train.seed, device=self.device)
 
     def viz_batch(self, count: int = 8) -> dict:
         stream = EvalStream(self.dataset, "test", self.transform, count)
