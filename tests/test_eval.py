@@ -85,7 +85,13 @@ def test_patch_foreground_and_attention_on_object():
     batch = {"image": torch.randn(2, 3, 32, 32), "fg": fg, "label": torch.zeros(2)}
     out = attention_on_object(model, [batch], 4)
     assert out["object_share"] == pytest.approx(4 / 64)
-    assert 0 <= out["topk_on_object"] <= 1 and 0 <= out["masked_on_object"] <= 1
+    # recomputed from the attention itself: of the 6 (10 % of 64) and the 19 (30 %) most
+    # attended patches of each image, the share inside the 4-patch object
+    with torch.no_grad():
+        attn = model.forward_tokens(batch["image"], attn_layer=-1).attention
+    hits = lambda k: float(on.gather(1, attn.topk(k, dim=1).indices).sum()) / (2 * k)  # noqa: E731
+    assert out["topk_on_object"] == pytest.approx(hits(6))
+    assert out["masked_on_object"] == pytest.approx(hits(19))
     # the shares are of the object: an image that is all object (or none) gives 1 (or 0)
     for value in (True, False):
         batch["fg"] = torch.full((2, 32, 32), value)
@@ -135,7 +141,10 @@ def test_suite_on_synthetic_with_all_variants(tiny_checkpoint, synthetic_dir, tm
     assert ev.features("train", 4).features.shape[1] == 2 * ev.features("train", 1).features.shape[1]
     assert torch.equal(ev.features("train", 4).features[:, -192:], ev.features("train", 1).features)
     assert "skipped" in ev.fewshot()["5"]  # 160 train images cannot give 5 x 5 per class
-    assert 0 <= ev.attention()["topk_on_object"] <= 1
+    attention = ev.attention()
+    assert attention["top_fraction"] == 0.1 and attention["mask_ratio"] == pytest.approx(
+        sum(ev.cfg.masking.ratio) / 2)  # the midpoint of the configured range
+    assert 0 < attention["object_share"] < 1
     ev.prefetch()
     assert len(list((tmp_path / "cache").glob("*.pt"))) == cached  # cache reused
 

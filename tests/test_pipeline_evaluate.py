@@ -32,8 +32,10 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     assert on_disk["fewshot"]["1"]["splits"] == 5
     assert "bg_gap" in on_disk["robustness"] and "mixed_rand" in on_disk["robustness"]["variants"]
     assert set(on_disk["attention"]) >= {"topk_on_object", "masked_on_object"}
-    for value in flat_metrics(results).values():
-        assert -1.0 <= value <= 1.0
+    n_test = 32  # the synthetic test split
+    for key in ("eval/knn_k20_top1", "eval/knn_k20_top5", "eval/linear_top1"):
+        correct = flat_metrics(results)[key] * n_test  # an accuracy counts whole images
+        assert correct == pytest.approx(round(correct), abs=1e-6), key
     run_names = {k for k in flat_metrics(results)}
     assert "eval/init/knn_k20_top1" in run_names and "eval/pixels/knn_k20_top1" in run_names
     client = MlflowClient(tracking_uri=trained.tracking_uri)
@@ -119,7 +121,9 @@ def test_cli_evaluates_a_safetensors_backbone_with_its_config(ray_local, synthet
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["knn"]["k20"]["top1"] <= 1.0
+    assert results["checkpoint"].endswith("teacher_backbone.safetensors")
+    assert set(results) >= {"knn"} and "linear" not in results and "baselines" in results
+    assert round(results["knn"]["k20"]["top1"] * 32, 6).is_integer()  # 32 test images
 
 
 def test_fine_tuning_runs_as_a_task_with_its_init_baseline(ray_local, synthetic_dir, tmp_path,

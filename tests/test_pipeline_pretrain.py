@@ -32,8 +32,11 @@ def test_two_workers_with_mlflow_readback(ray_local, synthetic_dir, tmp_path):
     cfg = ray_cfg(synthetic_dir, tmp_path, "ray.num_workers=2", "train.run_name=two")
     result = run_pretrain(cfg, log=lambda s: None)
     assert result.steps == 6 and result.metrics["step"] == 6
-    assert 0.0 <= result.metrics["knn_top1"] <= 1.0
     client = MlflowClient(tracking_uri=result.tracking_uri)
+    knn = client.get_metric_history(result.mlflow_run_id, "knn_top1")
+    assert [m.step for m in knn] == [0, 3, 6]  # init, then the end of each epoch
+    assert knn[-1].value == result.metrics["knn_top1"]
+    assert round(knn[-1].value * 32, 6).is_integer()  # knn_test_samples=32 whole images
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "attmask_high"
     assert run.data.params["masking.strategy"] == "attmask_high"
