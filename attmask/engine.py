@@ -28,6 +28,7 @@ from attmask.runtime import (
     resolve_device,
     resolve_precision,
     step_seed,
+    teacher_temperature,
 )
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,7 @@ class Engine:
         self.masker = make_masker(cfg.masking.strategy, **cfg.masking.masker_kwargs())
         self.grid = m.grid
         self.loss = IBOTLoss(
-            m.out_dim, m.out_dim if m.shared_head else m.patch_out_dim, epochs=cfg.train.epochs,
-            warmup_teacher_temp=lc.warmup_teacher_temp, teacher_temp=lc.teacher_temp,
-            warmup_teacher_patch_temp=lc.warmup_teacher_patch_temp,
-            teacher_patch_temp=lc.teacher_patch_temp,
-            warmup_teacher_temp_epochs=lc.warmup_teacher_temp_epochs,
+            m.out_dim, m.out_dim if m.shared_head else m.patch_out_dim,
             student_temp=lc.student_temp, center_momentum=lc.center_momentum,
             lambda1=lc.lambda1, lambda2=lc.lambda2, patch_loss=self.patch_loss).to(self.device)
 
@@ -125,6 +122,11 @@ class Engine:
         self.lr_schedule = cosine_schedule(peak_lr, o.min_lr, *args, warmup_epochs=o.warmup_epochs)
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, *args)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, *args)
+        epochs = (lc.warmup_teacher_temp_epochs, cfg.train.epochs)  # per epoch, not per step
+        self.teacher_temp_schedule = teacher_temperature(lc.warmup_teacher_temp,
+                                                         lc.teacher_temp, *epochs)
+        self.teacher_patch_temp_schedule = teacher_temperature(lc.warmup_teacher_patch_temp,
+                                                               lc.teacher_patch_temp, *epochs)
 
         self.rank = rank
         self.generator = torch.Generator(self.device)
@@ -165,6 +167,8 @@ class Engine:
         self.generator.manual_seed(seed)
         lr, wd, momentum = (float(s[it]) for s in
                             (self.lr_schedule, self.wd_schedule, self.momentum_schedule))
+        teacher_temp, teacher_patch_temp = (float(s[min(epoch, len(s) - 1)]) for s in (
+            self.teacher_temp_schedule, self.teacher_patch_temp_schedule))
         self.optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
         self.optimizer.param_groups[1]["lr"] = lr
         images = global_crops.to(self.device, non_blocking=True).flatten(0, 1)
@@ -188,8 +192,8 @@ class Engine:
             student_cls, student_patch = self.student_forward(images, locals_, masks,
                                                               patch_logits=self.patch_loss)
             # 4. Distill the teacher into the student.
-            losses = self.loss(student_cls, teacher_cls, epoch, student_patch, teacher_patch,
-                               masks, center_mean)
+            losses = self.loss(student_cls, teacher_cls, teacher_temp, student_patch,
+                               teacher_patch, masks, center_mean, teacher_patch_temp)
 
         # 5. Update the student.
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +215,7 @@ class Engine:
         values = {k: v.detach() for k, v in losses.items()}
         values["masked_fraction"] = masks.float().mean()
         scalars = {"lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
-                   "teacher_temp": float(self.loss.teacher_temps[min(epoch, cfg.train.epochs - 1)])}
+                   "teacher_temp": teacher_temp}
         return StepMetrics(values, scalars)
 
     def _teacher_logits(self, teacher, masks):

@@ -29,6 +29,13 @@ def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int
     return np.concatenate([warmup, cosine])
 
 
+def teacher_temperature(warmup: float, final: float, warmup_epochs: int,
+                        epochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature (DINO/iBOT): linear warm-up, then constant."""
+    warm = np.linspace(warmup, final, warmup_epochs)
+    return np.concatenate([warm, np.full(max(0, epochs - warmup_epochs), final)])[:epochs]
+
+
 def resolve_device(device: Optional[str] = None) -> torch.device:
     """``device`` (cpu, cuda, cuda:N) checked against this machine; default: cuda when present."""
     if not device:

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attmask.loss import IBOTLoss, teacher_temperature
+from attmask.loss import IBOTLoss
+from attmask.runtime import teacher_temperature
 
 
 def reference_ibot_loss(s_cls, t_cls, s_patch_full, t_patch_full, masks, center, center2,
@@ -45,13 +46,13 @@ def make_inputs(B=3, views=6, P=16, K=40, seed=0):
 
 def test_matches_reference_reduction_with_gathered_tokens():
     s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
-    loss = IBOTLoss(40, 40, epochs=10, warmup_teacher_temp_epochs=5)
+    loss = IBOTLoss(40, 40)
     loss.center.normal_()
-    loss.center2.normal_()
-    c1, c2 = loss.center.clone(), loss.center2.clone()
-    out = loss(s_cls, t_cls, 2, s_patch[masks], t_patch[masks], masks,
-               center_patches=t_patch.flatten(0, 1))
+    loss.patch_center.normal_()
+    c1, c2 = loss.center.clone(), loss.patch_center.clone()
     temps = teacher_temperature(0.04, 0.07, 5, 10)
+    out = loss(s_cls, t_cls, temps[2], s_patch[masks], t_patch[masks], masks,
+               center_patches=t_patch.flatten(0, 1))
     ref_cls, ref_patch = reference_ibot_loss(s_cls, t_cls, s_patch, t_patch, masks, c1, c2,
                                              temps[2], temps[2])
     assert torch.allclose(out["cls_loss"], ref_cls, atol=1e-5)
@@ -65,20 +66,20 @@ def test_matches_reference_reduction_with_gathered_tokens():
 
 def test_centers_are_ema_of_teacher_means():
     s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
-    loss = IBOTLoss(40, 40, epochs=3, center_momentum=0.9)
-    loss(s_cls, t_cls, 0, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
+    loss = IBOTLoss(40, 40, center_momentum=0.9)
+    loss(s_cls, t_cls, 0.04, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
     assert torch.allclose(loss.center, 0.1 * t_cls.mean(0, keepdim=True), atol=1e-6)
     # the patch centre averages over all patches, not only the masked ones
-    assert torch.allclose(loss.center2, 0.1 * t_patch.mean((0, 1))[None], atol=1e-6)
+    assert torch.allclose(loss.patch_center, 0.1 * t_patch.mean((0, 1))[None], atol=1e-6)
 
 
 def test_lambdas_weight_the_terms_and_dino_drops_the_patch_term():
     s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
-    weighted = IBOTLoss(40, 40, epochs=3, lambda1=0.5, lambda2=2.0)(
-        s_cls, t_cls, 0, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
+    weighted = IBOTLoss(40, 40, lambda1=0.5, lambda2=2.0)(
+        s_cls, t_cls, 0.04, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
     assert torch.allclose(weighted["loss"],
                           0.5 * weighted["cls_loss"] + 2.0 * weighted["patch_loss"])
-    dino = IBOTLoss(40, 40, epochs=3, patch_loss=False)(s_cls, t_cls, 0)
+    dino = IBOTLoss(40, 40, patch_loss=False)(s_cls, t_cls, 0.04)
     assert "patch_loss" not in dino and torch.equal(dino["loss"], dino["cls_loss"])
 
 
@@ -91,12 +92,25 @@ def test_teacher_temperature_warmup_schedule():
 
 
 def test_teacher_flatness_is_one_for_uniform_targets_and_small_for_peaked_ones():
-    loss = IBOTLoss(64, 64, epochs=1, warmup_teacher_temp_epochs=0, patch_loss=False)
+    loss = IBOTLoss(64, 64, patch_loss=False)
     student = torch.randn(8, 64)
-    same = loss(student, torch.zeros(4, 64), 0)  # every logit equal: uniform targets
+    same = loss(student, torch.zeros(4, 64), 0.07)  # every logit equal: uniform targets
     assert same["teacher_flatness"].item() == pytest.approx(1.0, abs=1e-6)
     assert same["cls_loss"].item() > math.log(64) - 1e-3  # CE against uniform >= log K
     peaked = torch.full((4, 64), -10.0)
     peaked[:, 0] = 10.0
-    fresh = IBOTLoss(64, 64, epochs=1, warmup_teacher_temp_epochs=0, patch_loss=False)
-    assert fresh(student, peaked, 0)["teacher_flatness"].item() < 0.01
+    fresh = IBOTLoss(64, 64, patch_loss=False)
+    assert fresh(student, peaked, 0.07)["teacher_flatness"].item() < 0.01
+
+
+def test_patch_temperature_is_its_own_and_old_checkpoints_name_the_patch_centre_center2():
+    s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
+    loss = IBOTLoss(40, 40)
+    args = (s_cls, t_cls, 0.04, s_patch[masks], t_patch[masks], masks)
+    same = loss(*args, teacher_patch_temp=0.04)["patch_loss"]
+    assert torch.equal(IBOTLoss(40, 40)(*args)["patch_loss"], same)  # defaults to teacher_temp
+    assert not torch.allclose(IBOTLoss(40, 40)(*args, teacher_patch_temp=0.07)["patch_loss"], same)
+    old = {"center": torch.ones(1, 40), "center2": torch.full((1, 40), 2.0)}
+    restored = IBOTLoss(40, 40)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.patch_center, torch.full((1, 40), 2.0))
