@@ -21,6 +21,7 @@ import yaml
 from attmask.config import Config, from_dict
 from attmask.errors import UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
+from attmask.eval.results import lookup, metric_paths
 from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
 from pipelines import tracking
 from pipelines.ray_session import ray_session
@@ -137,29 +138,12 @@ def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, 
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
-    """``results.json`` -> MLflow metric names (``eval/knn_k20_top1``, ...)."""
-    out = {}
-    for k, acc in results.get("knn", {}).items():
-        out[f"eval/knn_{k}_top1"], out[f"eval/knn_{k}_top5"] = acc["top1"], acc["top5"]
-    if "top1" in results.get("finetune", {}):
-        out["eval/finetune_top1"] = results["finetune"]["top1"]
-    if "top1" in results.get("linear", {}):
-        out["eval/linear_top1"] = results["linear"]["top1"]
-        out["eval/linear_val_top1"] = results["linear"]["val_top1"]
-    for nu, r in results.get("fewshot", {}).items():
-        if "mean" in r:
-            out[f"eval/fewshot_{nu}_mean"], out[f"eval/fewshot_{nu}_std"] = r["mean"], r["std"]
-    robustness = results.get("robustness", {})
-    for name, acc in robustness.get("variants", {}).items():
-        out[f"eval/robustness_{name}"] = acc
-    if "bg_gap" in robustness:
-        out["eval/bg_gap"] = robustness["bg_gap"]
-    for name, value in results.get("attention", {}).items():
-        if isinstance(value, float):
-            out[f"eval/attention_{name}"] = value
+    """``results.json`` -> MLflow metric names (``eval/knn_k20_top1``; a baseline's
+    ``eval/init/knn_k20_top1``), named by :func:`attmask.eval.results.metric_paths`."""
+    out = {f"eval/{name}": lookup(results, path) for name, path in metric_paths(results).items()}
     for kind, baseline in results.get("baselines", {}).items():
-        out.update({k.replace("eval/", f"eval/{kind}/", 1): v
-                    for k, v in flat_metrics(baseline).items()})
+        out.update({f"eval/{kind}/{name}": lookup(baseline, path)
+                    for name, path in metric_paths(baseline).items()})
     return out
 
 

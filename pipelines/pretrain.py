@@ -125,16 +125,21 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
                 raise
             raise cause from exc
     value = result.return_value or {}
-    version = tracker.register_model(run_id, {
-        "strategy": cfg.masking.strategy, "seed": str(cfg.train.seed), "run_name": run_name,
-        "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]})
+    try:
+        version = tracker.register_model(run_id, {
+            "strategy": cfg.masking.strategy, "seed": str(cfg.train.seed), "run_name": run_name,
+            "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]})
+        model_version = f"{tracker.model_name}/{version}"
+    except Exception as exc:  # noqa: BLE001 - a store gone mid-run was reported by the logger
+        log(f"could not register the teacher in MLflow's model registry "
+            f"({exc.__class__.__name__}); the run's checkpoint has it")
+        model_version = ""
     tracker.finish(run_id, "FINISHED")
     return PretrainResult(run_name, run_id, uri, storage, int(value.get("steps", 0)),
                           value.get("metrics", result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None,
                           value.get("logging", {}), time.perf_counter() - start,
-                          value.get("device", ""), value.get("node_id", ""),
-                          f"{tracker.model_name}/{version}")
+                          value.get("device", ""), value.get("node_id", ""), model_version)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,18 +170,114 @@ def _restore(engine, checkpoint, log: Callable[[str], None]) -> None:
         return
 
 
+class WorkerHooks:
+    """The Ray side of the library loop on one worker, one method per hook: checkpoints go
+    through ``ray.train.report``, rank 0 sends metrics, pictures and the final model to MLflow
+    from a background thread, and an injected fault (reliability tests) fires on its step."""
+
+    def __init__(self, cfg: Config, dataset, rank: int, loop_config: dict) -> None:
+        from attmask.data.stream import EvalStream, make_loader
+        from attmask.data.transforms import EvalTransform
+
+        self.cfg, self.rank = cfg, rank
+        self.fault: Optional[FaultInjection] = loop_config.get("fault")
+        self.logger = (tracking.AsyncRunLogger(loop_config["tracking_uri"],
+                                               loop_config["run_id"], cfg.tracking.timeout_s)
+                       if rank == 0 else None)
+        self.pending: list[dict] = []  # logged steps not yet covered by a checkpoint
+        self.viz_batch = None
+        if self.logger is not None and cfg.tracking.log_images_every_epochs:
+            split = cfg.train.knn_split if cfg.train.knn_split in dataset.splits else cfg.data.split
+            self.viz_batch = next(iter(make_loader(EvalStream(
+                dataset, split, EvalTransform(cfg.model.image_size), 8), 0)))
+
+    def hooks(self):
+        from attmask.train import Hooks
+
+        return Hooks(self.checkpoint, self.log, self.before_step, self.after_step)
+
+    def log(self, metrics: dict) -> None:
+        if self.logger is not None:
+            self.pending.append(metrics)
+
+    def checkpoint(self, engine, metrics: dict) -> None:
+        import ray.train
+
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        report["epoch"] = engine.step / engine.steps_per_epoch
+        if self.logger is not None:
+            # The steps this checkpoint covers are sent before it is reported (waiting at most
+            # the tracking timeout), so a crash right after the report loses none of them; a
+            # crash before it replays them, with the same values (resume is exact).
+            for m in self.pending:
+                self.logger.metrics({k: v for k, v in m.items()
+                                     if k not in ("step", "end_of_epoch")}, step=int(m["step"]))
+            self.pending.clear()
+            self.logger.flush(self.cfg.tracking.timeout_s)
+        with tempfile.TemporaryDirectory() as d:
+            saved = None
+            if self.rank == 0:  # every rank holds the same state after DDP; one copy is enough
+                engine.save(Path(d) / STATE_FILE)  # the step is the data position too
+                saved = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(report, checkpoint=saved)
+        if metrics.get("end_of_epoch"):
+            self._pictures(engine, round(report["epoch"]))
+
+    def _pictures(self, engine, epoch: int) -> None:
+        from attmask.viz import attention_and_masks, mask_grid_png
+
+        every, cfg = self.cfg.tracking.log_images_every_epochs, self.cfg
+        if self.viz_batch is None or not (epoch % every == 0 or epoch in (1, cfg.train.epochs)):
+            return
+        attn, masks = attention_and_masks(engine.teacher.backbone, self.viz_batch["image"],
+                                          cfg.model.patch_size, VIZ_STRATEGIES,
+                                          cfg.masking.layer, cfg.masking.head_reduce)
+        self.logger.image(mask_grid_png(self.viz_batch["image"], attn, masks,
+                                        f"epoch {epoch}: teacher attention and masks"),
+                          f"attention/epoch_{epoch:04d}.png")
+
+    def before_step(self, engine) -> None:
+        if self.fault is not None:
+            self.fault.before_step(engine, self.rank)
+
+    def after_step(self, engine) -> None:
+        if self.fault is not None:
+            self.fault.after_step(engine, self.rank)
+
+    def finish(self, engine, result, world: int) -> dict:
+        """What the driver gets back; rank 0 first logs the teacher and the full state."""
+        import ray
+
+        from attmask.runtime import describe_device
+        from attmask.train import export_teacher
+
+        out = {"steps": result.steps, "metrics": result.final_metrics,
+               "device": f"{describe_device(engine.device)}, {engine.precision}, "
+                         f"{world} worker(s)",
+               "node_id": ray.get_runtime_context().get_node_id()}
+        if self.logger is None:
+            return out
+        with tempfile.TemporaryDirectory() as d:
+            self.logger.artifact(export_teacher(engine, Path(d) / "teacher_backbone.safetensors"),
+                                 "model")
+            self.logger.artifact(engine.save(Path(d) / STATE_FILE), "checkpoint")
+            out["logging"] = self.logger.close()
+        if out["logging"]["errors"]:
+            print(f"MLflow logging failed {out['logging']['errors']} time(s) "
+                  f"({out['logging']['last_error']}); training completed")
+        return out
+
+
 def train_worker(loop_config: dict) -> dict:
-    """One Ray Train worker: the library loop with checkpoints through ``ray.train.report``."""
+    """One Ray Train worker: the library loop with :class:`WorkerHooks`."""
     import ray.train
     import ray.train.torch
     import torch
     from ray.train.v2._internal.execution import context as train_context
 
-    from attmask.data.stream import EvalStream, make_loader, steps_per_epoch
-    from attmask.data.transforms import EvalTransform
+    from attmask.data.stream import steps_per_epoch
     from attmask.engine import Engine
-    from attmask.train import Hooks, export_teacher, run_loop
-    from attmask.viz import attention_and_masks, mask_grid_png
+    from attmask.train import run_loop
 
     # Ray logs every report (with all metrics) at INFO from each rank; progress lines say enough.
     train_context.logger.setLevel(logging.WARNING)
@@ -194,71 +295,10 @@ def train_worker(loop_config: dict) -> dict:
         parallel_strategy_kwargs={"find_unused_parameters": unused})) if world > 1 else None
     engine = Engine(cfg, steps_per_epoch(dataset, cfg, world), device=device, world_size=world,
                     rank=rank, wrap_student=wrap)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        _restore(engine, checkpoint, print if rank == 0 else (lambda s: None))
-
-    logger = (tracking.AsyncRunLogger(loop_config["tracking_uri"], loop_config["run_id"],
-                                      cfg.tracking.timeout_s) if rank == 0 else None)
-    pending: list[dict] = []
-    viz_batch = None
-    if rank == 0 and cfg.tracking.log_images_every_epochs:
-        split = cfg.train.knn_split if cfg.train.knn_split in dataset.splits else cfg.data.split
-        viz_batch = next(iter(make_loader(EvalStream(dataset, split,
-                                                     EvalTransform(cfg.model.image_size), 8), 0)))
-
-    def on_checkpoint(engine: Engine, metrics: dict) -> None:
-        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        report["epoch"] = engine.step / engine.steps_per_epoch
-        if logger is not None:
-            # The steps this checkpoint covers are sent before it is reported (waiting at most
-            # the tracking timeout), so a crash right after the report loses none of them; a
-            # crash before it replays them, with the same values (resume is exact).
-            for m in pending:
-                logger.metrics({k: v for k, v in m.items() if k not in ("step", "end_of_epoch")},
-                               step=int(m["step"]))
-            pending.clear()
-            logger.flush(cfg.tracking.timeout_s)
-        with tempfile.TemporaryDirectory() as d:
-            saved = None
-            if rank == 0:  # every rank holds the same state after DDP; one copy is enough
-                engine.save(Path(d) / STATE_FILE)  # the step is the data position too
-                saved = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(report, checkpoint=saved)
-        if logger is None:
-            return
-        epoch = round(report["epoch"])
-        every = cfg.tracking.log_images_every_epochs
-        if (viz_batch is not None and metrics.get("end_of_epoch")
-                and (epoch % every == 0 or epoch == 1 or epoch == cfg.train.epochs)):
-            attn, masks = attention_and_masks(
-                engine.teacher.backbone, viz_batch["image"], cfg.model.patch_size,
-                VIZ_STRATEGIES, cfg.masking.layer, cfg.masking.head_reduce)
-            logger.image(mask_grid_png(viz_batch["image"], attn, masks,
-                                       f"epoch {epoch}: teacher attention and masks"),
-                         f"attention/epoch_{epoch:04d}.png")
-
-    fault: Optional[FaultInjection] = loop_config.get("fault")
-    result = run_loop(engine, dataset, cfg,
-                      Hooks(checkpoint=on_checkpoint,
-                            log=pending.append if rank == 0 else (lambda m: None),
-                            before_step=lambda e: fault and fault.before_step(e, rank),
-                            after_step=lambda e: fault and fault.after_step(e, rank)),
-                      rank=rank, world_size=world,
-                      print_fn=print if rank == 0 else (lambda s: None))
-    from attmask.runtime import describe_device
-
-    out = {"steps": result.steps, "metrics": result.final_metrics,
-           "device": f"{describe_device(engine.device)}, {engine.precision}, {world} worker(s)",
-           "node_id": ray.get_runtime_context().get_node_id()}
-    if logger is not None:
-        with tempfile.TemporaryDirectory() as d:
-            teacher = export_teacher(engine, Path(d) / "teacher_backbone.safetensors")
-            state = engine.save(Path(d) / STATE_FILE)
-            logger.artifact(teacher, "model")
-            logger.artifact(state, "checkpoint")
-            out["logging"] = logger.close()
-        if out["logging"]["errors"]:
-            print(f"MLflow logging failed {out['logging']['errors']} time(s) "
-                  f"({out['logging']['last_error']}); training completed")
-    return out
+    printer = print if rank == 0 else (lambda s: None)
+    if checkpoint := ray.train.get_checkpoint():
+        _restore(engine, checkpoint, printer)
+    hooks = WorkerHooks(cfg, dataset, rank, loop_config)
+    result = run_loop(engine, dataset, cfg, hooks.hooks(), rank=rank, world_size=world,
+                      print_fn=printer)
+    return hooks.finish(engine, result, world)

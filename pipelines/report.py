@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from attmask.eval.results import (
+    BG_GAP,
+    KNN_TOP1,
+    KNN_TOP5,
+    LINEAR_TOP1,
+    LINEAR_VAL_TOP1,
+    lookup,
+)
 from attmask.eval.stats import PairedDifference, paired_difference, seeds_for_half_width
 
 FEWSHOT = ["1", "5", "10", "20"]
@@ -55,20 +63,11 @@ def signed(values: list[float]) -> str:
     return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
 
 
-def _get(results: dict, path: tuple[str, ...]) -> Optional[float]:
-    node = results
-    for key in path:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    return float(node) if isinstance(node, (int, float)) else None
-
-
 def metric_values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
-    return [v for r in runs if (v := _get(r.results, path)) is not None]
+    return [v for r in runs if (v := lookup(r.results, path)) is not None]
 
 
-KNN = ("knn", "k20", "top1")
-LINEAR = ("linear", "top1")
-BG_GAP = ("robustness", "bg_gap")
+KNN, LINEAR = KNN_TOP1, LINEAR_TOP1
 PAIRED_METRICS = [("k-NN top-1", KNN), ("linear top-1", LINEAR), ("BG-gap", BG_GAP)]
 RESOLUTION = 0.015  # the half-width a comparison aims for (points / 100)
 BASELINE_ROWS = [("init", "init (untrained, same seed)"), ("pixels", "pixels")]
@@ -96,22 +95,22 @@ class Rows:
         return cls(ok, baselines, per_seed["init"])
 
     def baseline_values(self, kind: str, path: tuple[str, ...]) -> list[float]:
-        return [v for res in self.baselines[kind] if (v := _get(res, path)) is not None]
+        return [v for res in self.baselines[kind] if (v := lookup(res, path)) is not None]
 
     def gains(self, strategy: str, path: tuple[str, ...]) -> list[float]:
         """Per-seed gain of a strategy over the untrained network of the same seed."""
         out = []
         for r in self.strategies[strategy]:
-            value, init = _get(r.results, path), _get(self.init_by_seed.get(r.seed, {}), path)
+            value, init = lookup(r.results, path), lookup(self.init_by_seed.get(r.seed, {}), path)
             if value is not None and init is not None:
                 out.append(value - init)
         return out
 
     def paired(self, strategy: str, reference: str, path: tuple[str, ...]
                ) -> Optional[PairedDifference]:
-        ref = {r.seed: v for r in self.strategies[reference] if (v := _get(r.results, path))
+        ref = {r.seed: v for r in self.strategies[reference] if (v := lookup(r.results, path))
                is not None}
-        arm = {r.seed: v for r in self.strategies[strategy] if (v := _get(r.results, path))
+        arm = {r.seed: v for r in self.strategies[strategy] if (v := lookup(r.results, path))
                is not None}
         seeds = sorted(set(ref) & set(arm))
         if not seeds:
@@ -199,13 +198,13 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
     rows = Rows.of(runs, strategies)
     tables = [Table("k-NN on the teacher's [CLS] (k = 20, T = 0.07), %",
                     ["model", "top-1", "top-5", "gain over init (points)"],
-                    _metric_rows(rows, strategies, [KNN, ("knn", "k20", "top5")], KNN))]
+                    _metric_rows(rows, strategies, [KNN, KNN_TOP5], KNN))]
     if (paired := paired_table(rows, strategies)) is not None:
         tables.append(paired)
     tables += [
         Table("Linear probe (last 4 blocks, epoch chosen on a validation split), %",
               ["model", "test top-1", "val top-1", "gain over init (points)"],
-              _metric_rows(rows, strategies, [LINEAR, ("linear", "val_top1")], LINEAR)),
+              _metric_rows(rows, strategies, [LINEAR, LINEAR_VAL_TOP1], LINEAR)),
         Table("Few-shot k-NN (nu images per class; 1-NN for nu = 1, else 20-NN; 5 splits), %",
               ["model", *[f"nu={nu}" for nu in FEWSHOT]],
               _metric_rows(rows, strategies, [("fewshot", nu, "mean") for nu in FEWSHOT], None),

@@ -226,4 +226,5 @@ def test_mlflow_server_and_losing_it_mid_run(ray_local, synthetic_dir, tmp_path,
     result = run_pretrain(cfg, log=lambda s: None)
     killer.join(5)
     assert result.steps == 12  # training finished although the server went away
+    assert result.model_version == ""  # nothing to register with: the store is gone
     assert proc.poll() is not None and result.logging["errors"] > 0
