@@ -126,6 +126,9 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
             raise ConfigError(f"{path}: unknown key {where}{unknown[0]}; allowed: "
                               f"{', '.join(sorted(allowed))}")
     data = dict(raw.get("data") or {})
+    cli = dict(parse_override(o) for o in cli_overrides or [])
+    if cli.get("data.path"):  # the runs and their evaluation must read the same data
+        data = {"path": str(cli["data.path"])}
     if not data.get("path") and not (data.get("source") and data.get("out")):
         raise ConfigError(f"{path}: data needs either path (existing shards) or source and out")
     strategies = raw.get("strategies") or list(masking.available())
@@ -155,7 +158,6 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
         except UserError as exc:
             raise ConfigError(f"{path}: {where}: {exc}") from exc
     base = {**spec.overrides, "data.path": str(Path(spec.data_dir))}
-    cli = dict(parse_override(o) for o in cli_overrides or [])
     source = config_source(model_preset)
     for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
         for strategy in strategies:

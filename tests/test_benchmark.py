@@ -169,3 +169,9 @@ def test_swept_keys_cannot_be_overridden(tmp_path, capsys, override):
     assert main(["benchmark", "--preset", str(path), "--dry-run", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: override {override.split('=')[0]}")
+
+
+def test_a_data_path_override_is_what_the_runs_train_and_are_evaluated_on(tmp_path):
+    spec = load_benchmark("paper-20pct-in1k", [f"data.path={tmp_path}"])
+    assert spec.data_dir == str(tmp_path) and spec.prepare_args() is None
+    assert {c.data.path for c in spec.configs.values()} == {str(tmp_path)}
