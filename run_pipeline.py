@@ -142,7 +142,7 @@ def cmd_benchmark(args) -> int:
     from pipelines.benchmark import load_benchmark, plan, run_benchmark
 
     spec = load_benchmark(args.preset, args.overrides)
-    print(plan(spec))
+    print(plan(spec, args.reports))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")
         return 0

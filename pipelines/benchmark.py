@@ -172,7 +172,7 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
     return spec
 
 
-def plan(spec: BenchmarkSpec) -> str:
+def plan(spec: BenchmarkSpec, report_root: str | Path = "reports") -> str:
     first = next(iter(spec.configs.values()))
     data = spec.data.get("path") or f"{spec.data['source']} -> {spec.data['out']}"
     return "\n".join([
@@ -184,7 +184,7 @@ def plan(spec: BenchmarkSpec) -> str:
         f"runs: {len(spec.configs)} = strategies {', '.join(spec.strategies)} x seeds "
         f"{spec.seeds}",
         f"evaluation: {', '.join(spec.evaluation.get('suite', DEFAULT_SUITE))}",
-        f"report: reports/{spec.name}/report.md and report.html"])
+        f"report: {Path(report_root) / spec.name}/report.md and report.html"])
 
 
 @dataclass
