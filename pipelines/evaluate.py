@@ -164,15 +164,15 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     if (checkpoint is None) == (mlflow_run is None):
         raise UserError("give exactly one of --checkpoint PATH and --mlflow-run RUN_ID")
     out = check_output_dir(out_dir, "--out")
+    options = (options or EvalOptions()).validate()
+    for kind in baselines:
+        if kind not in BASELINES:
+            raise UserError(f"--baselines {kind}: allowed values are {', '.join(BASELINES)}")
     tracker = tracking.Tracker.connect(cfg)  # before the work, not after it
     if mlflow_run is not None:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = str(fetch_checkpoint(tracker, mlflow_run, out))
-    options = (options or EvalOptions()).validate()
-    # Validate checkpoint, data and options here, before any task is scheduled.
-    for kind in baselines:
-        if kind not in BASELINES:
-            raise UserError(f"--baselines {kind}: allowed values are {', '.join(BASELINES)}")
+    # Validate checkpoint and data here, before any task is scheduled.
     checked = Evaluator.from_checkpoint(checkpoint, data, config=architecture,
                                         cache_dir=out / "features", options=options,
                                         robustness_set=robustness_set, device=torch.device("cpu"))

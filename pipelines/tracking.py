@@ -2,6 +2,7 @@
 which every pipeline talks to MLflow, and a logger that never blocks the training step."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -67,11 +68,12 @@ def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
         raise UserError(f"tracking.uri={uri}: MLflow server unreachable ({last}); start it "
                         "(mlflow server --host 127.0.0.1 --port 5000) or fix tracking.uri")
     if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"tracking.uri={uri}: cannot create {path.parent} ({exc})") from exc
+        # Checked without writing: a command refused later for bad input leaves no database.
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"tracking.uri={uri}: cannot create the database under {existing} "
+                            "(not a writable folder)")
         return
     if uri.startswith(("file:", "./", "/")) or "://" not in uri:
         raise ConfigError(f"tracking.uri={uri}: MLflow 3 refuses the plain file store; use "
@@ -149,11 +151,18 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str = "attmask", storage: Optional[str] = None,
                  timeout_s: float = 5.0):
-        from mlflow.tracking import MlflowClient
-
         configure_client(timeout_s)
         self.uri, self.experiment, self.storage = uri, experiment, storage
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @functools.cached_property
+    def client(self):
+        """Built on first use, so that connecting (a check before the work) writes nothing: a
+        SQLite store and its folder appear only once a run is logged or searched."""
+        from mlflow.tracking import MlflowClient
+
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     @classmethod
     def connect(cls, cfg: Config) -> "Tracker":

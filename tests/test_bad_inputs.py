@@ -576,7 +576,10 @@ def case_id(index: int, case) -> str:
 
 @pytest.mark.parametrize("argv, words", CASES, ids=[case_id(i, c) for i, c in enumerate(CASES)])
 def test_bad_input_is_one_line_exit_2_and_loses_nothing(world, no_work, capsys, argv,
-                                                        words):
+                                                        words, tmp_path, monkeypatch):
+    # A fresh working directory per case, as on a new clone: default outputs (runs/, the SQLite
+    # tracking store) would land here, and a bad input must not create them.
+    monkeypatch.chdir(tmp_path)
     argv = [a.format(**world) for a in argv]
     words = [w.format(**world) for w in words]
     before = snapshot(world["root"], world["data"])
@@ -591,6 +594,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(world, no_work, capsys, 
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert snapshot(world["root"], world["data"]) == before
+    assert not list(tmp_path.iterdir()), "a bad input created files in the working directory"
 
 
 def test_the_suite_is_large_enough():
