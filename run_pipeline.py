@@ -176,7 +176,9 @@ def cmd_bench_step(args) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_step(cfg, strategies, steps=args.steps, warmup=args.warmup, device=device)
+    result = bench_step(cfg, strategies, steps=args.steps, warmup=args.warmup, device=device,
+                        compare_compile=args.compare_compile, only_steps=args.only_steps,
+                        profile=args.profile)
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +328,12 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=count(1), help="torch intra-op threads")
     p.add_argument("--device")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="also time a train.compile engine (compile time, payback, recompiles)")
+    p.add_argument("--only-steps", action="store_true",
+                   help="no bound, FLOP count or matmul peak: peak_rss_mb is the steps' own")
+    p.add_argument("--profile", action="store_true",
+                   help="add the top ten ops by self time (torch.profiler) of the first strategy")
     p.set_defaults(func=cmd_bench_step)
 
     p = sub.add_parser("device-check", help="figures to record on a new machine (a GPU): "

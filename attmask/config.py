@@ -191,6 +191,14 @@ class TrainConfig:
     batch_size_per_worker: int = 60
     steps_per_epoch: Optional[int] = None  # None: train-split size // global batch
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    # torch.compile (inductor) of every block's attention and MLP, student and teacher: one
+    # compiled graph serves all blocks of a shape (regional compilation). Off by default: on a
+    # CPU it measured no faster than eager (docs/speed.md).
+    compile: bool = False
+    # Activation checkpointing: the first N of the student's blocks recompute their activations
+    # in backward instead of keeping them (0: none). Each saves about 100 MB at vit-tiny-224 and
+    # costs about 2 % of the step (docs/speed.md).
+    checkpoint_blocks: int = 0
     seed: int = 0
     log_every_steps: int = 10
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
@@ -203,8 +211,9 @@ class TrainConfig:
     knn_train_samples: int = 1000
     knn_test_samples: int = 500
 
-    def validate(self, p: str) -> None:
+    def validate(self, p: str, depth: int) -> None:
         _range(f"{p}.epochs", self.epochs, 1, 100_000)
+        _range(f"{p}.checkpoint_blocks", self.checkpoint_blocks, 0, depth)
         _range(f"{p}.batch_size_per_worker", self.batch_size_per_worker, 1, 1 << 16)
         if self.steps_per_epoch is not None:
             _range(f"{p}.steps_per_epoch", self.steps_per_epoch, 1, 1 << 30)
@@ -298,7 +307,7 @@ class Config:
         self.masking.validate("masking", self.model.dims[1])
         self.loss.validate("loss")
         self.optim.validate("optim")
-        self.train.validate("train")
+        self.train.validate("train", self.model.dims[1])
         self.data.validate("data")
         self.tracking.validate("tracking")
         self.ray.validate("ray")

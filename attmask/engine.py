@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attmask.config import Config, ModelConfig
 from attmask.errors import ConfigError, UserError
@@ -97,6 +98,17 @@ class Engine:
 
         student, teacher = initial_networks(cfg)
         self.student, self.teacher = student.to(self.device), teacher.to(self.device)
+        self.student.backbone.checkpoint_blocks = cfg.train.checkpoint_blocks
+        if cfg.train.compile:
+            # Each block's attention and MLP, not the whole step: their shapes are static
+            # (masked patches are replaced, not dropped), all blocks share one compiled graph
+            # per input shape, and the data-dependent parts (mask choice, masked-patch head)
+            # stay eager. Not the whole block: its drop-path rate differs per block (stochastic
+            # depth), which would make every block a recompile.
+            for net in (self.student, self.teacher):
+                for block in net.backbone.blocks:
+                    block.attn.compile()
+                    block.mlp.compile()
         self.student_forward = wrap_student(self.student) if wrap_student else self.student
 
         self.masker = make_masker(cfg.masking.strategy, **cfg.masking.masker_kwargs())
@@ -144,10 +156,18 @@ class Engine:
         return len(self.lr_schedule)
 
     def autocast(self):
+        """Mixed precision for the step, and the attention kernel that suits it."""
+        stack = contextlib.ExitStack()
         if self.precision == "fp32":
-            return contextlib.nullcontext()
+            return stack
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        if self.device.type == "cpu" and dtype is torch.bfloat16:
+            # The CPU flash-attention kernel's bf16 backward is slow at ViT sequence lengths:
+            # the math kernel (which still reduces in fp32) measured 1.15-1.2x the whole
+            # tiny-cpu step and 1.07-1.09x at vit-tiny-224 (docs/speed.md). In fp32 flash is the faster one.
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     # ------------------------------------------------------------------------------------------
 

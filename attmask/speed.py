@@ -59,11 +59,26 @@ def _stats(times: list[float], images: int) -> dict:
 
 
 def bench_step(cfg: Config, strategies: list[str], steps: int = 5, warmup: int = 2,
-               device: Optional[torch.device] = None,
+               device: Optional[torch.device] = None, *, compare_compile: bool = False,
+               only_steps: bool = False, profile: bool = False,
                log: Callable[[str], None] = print) -> dict:
-    """Time training steps of each strategy, interleaved, on random inputs of the config's shape."""
+    """Time training steps of each strategy, interleaved, on random inputs of the config's shape.
+
+    ``compare_compile`` adds a ``train.compile`` engine next to the eager one (rows
+    ``STRATEGY+compiled``) with its compile time, payback and recompile count; ``only_steps``
+    skips the bound, FLOP counts and matmul peaks, so ``peak_rss_mb`` is the steps' own;
+    ``profile`` adds the top ten ops by self time of the first strategy's step."""
+    from torch._dynamo.utils import counters
+
     B, m = cfg.train.batch_size_per_worker, cfg.model
-    engine = Engine(cfg, steps_per_epoch=10_000, device=device)  # schedules never run out
+    variants = {"": copy.deepcopy(cfg)}
+    if compare_compile:
+        variants[""].train.compile = False
+        variants["+compiled"] = copy.deepcopy(cfg)
+        variants["+compiled"].train.compile = True
+    engines = {suffix: Engine(c, steps_per_epoch=10_000, device=device)  # schedules never end
+               for suffix, c in variants.items()}
+    engine = engines[""]
     dev = engine.device
     maskers = {name: make_masker(name, **cfg.masking.masker_kwargs(name)) for name in strategies}
     images = torch.randn(2, B, 3, m.image_size, m.image_size, device=dev)
@@ -71,73 +86,123 @@ def bench_step(cfg: Config, strategies: list[str], steps: int = 5, warmup: int =
     local = (torch.randn(n_local, B, 3, m.local_image_size, m.local_image_size, device=dev)
              if n_local else None)
 
-    # The bound: plain timm forward+backward of the same backbone on one global view of B images.
-    plain = build_net(cfg.model).backbone.to(dev)
-    plain_x = images[0]
-
-    def plain_step():
-        with engine.autocast():
-            loss = plain.forward_features(plain_x).float().mean()
-        loss.backward()
-        plain.zero_grad(set_to_none=True)
-
-    def run(name: str) -> Callable[[], object]:
+    def run(eng: Engine, name: str) -> Callable[[], object]:
         def step():
-            engine.masker = maskers[name]
-            engine.train_step(images, local)
+            eng.masker = maskers[name]
+            eng.train_step(images, local)
         return step
 
-    jobs = {name: run(name) for name in strategies}
-    jobs["plain_backbone"] = plain_step
+    jobs = {name + suffix: run(eng, name) for suffix, eng in engines.items() for name in strategies}
+    if not only_steps:
+        # The bound: plain timm forward+backward of the same backbone on one global view.
+        plain = build_net(cfg.model).backbone.to(dev)
+
+        def plain_step():
+            with engine.autocast():
+                loss = plain.forward_features(images[0]).float().mean()
+            loss.backward()
+            plain.zero_grad(set_to_none=True)
+        jobs["plain_backbone"] = plain_step
     times: dict[str, list[float]] = {name: [] for name in jobs}
+    first: dict[str, float] = {}
+    graphs_after_warmup = None
     for round_ in range(warmup + steps):
+        if round_ == max(warmup, 1):  # every shape has been seen once by now
+            graphs_after_warmup = counters["stats"]["unique_graphs"]
         for name, job in jobs.items():
             elapsed = _timed(job, dev)
+            first.setdefault(name, elapsed)
             if round_ >= warmup:
                 times[name].append(elapsed)
         log(f"round {round_ + 1}/{warmup + steps}: "
             + ", ".join(f"{k} {B / t[-1] if t else 0:.2f} img/s" for k, t in times.items()))
 
-    # FLOPs: one iBOT image = 2 teacher forwards + student fwd+bwd on 2 global and L local crops.
-    backbone = engine.student.backbone
-    with torch.no_grad():
-        f_global = _count_flops(lambda: backbone.forward_tokens(images[0, :1]))
-        f_local = (_count_flops(lambda: backbone.forward_tokens(local[0, :1]))
-                   if local is not None else 0)
-    cost_in_plain_steps = (2 * f_global + 3 * (2 * f_global + n_local * f_local)) / (3 * f_global)
-    plain_stats = _stats(times.pop("plain_backbone"), B)
-    bound = plain_stats["images_per_s"] / cost_in_plain_steps
-    step_flops = {name: _count_flops(jobs[name]) for name in strategies}
-
     result: dict = {"config": {"arch": m.arch, "depth": m.dims[1], "image_size": m.image_size,
                                "local_crops": f"{n_local} x {m.local_image_size}px",
                                "batch": B, "out_dim": m.out_dim,
                                "patch_center_sample": cfg.loss.patch_center_sample,
-                               "framework": cfg.loss.framework},
+                               "framework": cfg.loss.framework,
+                               "compile": cfg.train.compile and not compare_compile,
+                               "checkpoint_blocks": cfg.train.checkpoint_blocks},
                     "device": describe_device(dev), "precision": engine.precision,
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "plain_backbone": plain_stats,
-                    "ibot_image_cost_in_plain_images": cost_in_plain_steps,
-                    "bound_images_per_s": bound, "strategies": {}}
-    ref = None
-    for name in strategies:
+                    "strategies": {}}
+    bound = None
+    if not only_steps:
+        # FLOPs: one iBOT image = 2 teacher forwards + student fwd+bwd on 2 global and L local.
+        backbone = engine.student.backbone
+        with torch.no_grad():
+            f_global = _count_flops(lambda: backbone.forward_tokens(images[0, :1]))
+            f_local = (_count_flops(lambda: backbone.forward_tokens(local[0, :1]))
+                       if local is not None else 0)
+        cost = (2 * f_global + 3 * (2 * f_global + n_local * f_local)) / (3 * f_global)
+        plain_stats = _stats(times.pop("plain_backbone"), B)
+        bound = plain_stats["images_per_s"] / cost
+        result.update({"plain_backbone": plain_stats, "ibot_image_cost_in_plain_images": cost,
+                       "bound_images_per_s": bound})
+        step_flops = {name: _count_flops(run(engine, name)) for name in strategies}
+    for name in jobs.keys() - {"plain_backbone"}:
         s = _stats(times[name], B)
-        s["fraction_of_bound"] = s["images_per_s"] / bound
-        s["gflop_per_step"] = step_flops[name] / 1e9
-        s["achieved_gflop_s"] = step_flops[name] / 1e9 / s["step_s_median"]
+        if bound is not None:
+            flops = step_flops[name.removesuffix("+compiled")]
+            s["fraction_of_bound"] = s["images_per_s"] / bound
+            s["gflop_per_step"] = flops / 1e9
+            s["achieved_gflop_s"] = flops / 1e9 / s["step_s_median"]
         result["strategies"][name] = s
-        if name == "random":
-            ref = s["images_per_s"]
+    ref = result["strategies"].get("random", {}).get("images_per_s")
     for s in result["strategies"].values():
         s["ratio_to_random"] = s["images_per_s"] / ref if ref else None
-    result["matmul_peak_gflop_s"] = {
-        "fp32": matmul_peak(dev, torch.float32),
-        "bf16": matmul_peak(dev, torch.bfloat16),
-    }
+    if compare_compile or cfg.train.compile:
+        result["compile"] = _compile_figures(result["strategies"], first, strategies,
+                                             compare_compile, counters, graphs_after_warmup)
+    if profile:
+        result["profile_top10"] = profile_step(jobs[strategies[0]], dev)
+    if not only_steps:
+        result["matmul_peak_gflop_s"] = {"fp32": matmul_peak(dev, torch.float32),
+                                         "bf16": matmul_peak(dev, torch.bfloat16)}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev.type == "cuda":
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return result
+
+
+def _compile_figures(rows: dict, first: dict[str, float], strategies: list[str],
+                     compared: bool, counters, graphs_after_warmup: Optional[int]) -> dict:
+    """Compile time (the first compiled step minus a steady one; later strategies reuse its
+    graphs), steps to pay it back against eager, and graphs compiled after every shape was
+    seen once (recompiles: should be 0)."""
+    keys = [name + "+compiled" if compared else name for name in strategies]
+    graphs = counters["stats"]["unique_graphs"]
+    out: dict = {"graphs": graphs,
+                 "recompiles_after_first_round": (graphs - graphs_after_warmup
+                                                  if graphs_after_warmup is not None else None),
+                 "compile_s": first[keys[0]] - rows[keys[0]]["step_s_median"]}
+    if compared:
+        for name, key in zip(strategies, keys):
+            eager_s, compiled_s = rows[name]["step_s_median"], rows[key]["step_s_median"]
+            out[name] = {"speedup": eager_s / compiled_s,
+                         "payback_steps": (out["compile_s"] / (eager_s - compiled_s)
+                                           if eager_s > compiled_s else None)}
+    return out
+
+
+def profile_step(step: Callable[[], object], device: torch.device, reps: int = 3) -> list[dict]:
+    """The ten ops with the most self time in ``reps`` calls of ``step`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    step()  # not the first call: allocation and kernel choice are not the steady state
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            step()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    return [{"op": e.key, "self_ms_per_step": getattr(e, attr) / 1000 / reps,
+             "share": getattr(e, attr) / total, "calls_per_step": e.count / reps}
+            for e in events[:10]]
 
 
 def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches: int = 20,

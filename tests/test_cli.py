@@ -127,6 +127,26 @@ def test_bench_step_reports_ratios_bound_and_flops(capsys, tmp_path):
     assert result["peak_rss_mb"] > 0
 
 
+def test_bench_step_compares_compiled_steps_and_profiles(capsys, tmp_path):
+    """--compare-compile times a compiled engine beside the eager one; --only-steps leaves out
+    the bound (so the peak RSS is the steps' own); --profile names the ops with most self time."""
+    cfg = tiny_yaml(tmp_path / "tiny.yaml", "train.precision=fp32")
+    out = tmp_path / "bench.json"
+    code, _, _ = run_main(capsys, "bench-step", "--config", str(cfg), "--steps", "2",
+                          "--warmup", "1", "--strategies", "random", "--compare-compile",
+                          "--only-steps", "--profile", "--json", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result["strategies"]) == {"random", "random+compiled"}
+    assert "bound_images_per_s" not in result and "matmul_peak_gflop_s" not in result
+    compiled = result["compile"]
+    assert compiled["graphs"] >= 1 and compiled["recompiles_after_first_round"] == 0
+    assert compiled["random"]["speedup"] > 0 and compiled["compile_s"] > 0
+    top = result["profile_top10"]
+    assert len(top) == 10 and top[0]["self_ms_per_step"] >= top[-1]["self_ms_per_step"] > 0
+    assert 0 < sum(row["share"] for row in top) <= 1.0 + 1e-9
+
+
 def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
     out = tmp_path / "data.json"
     code, _, _ = run_main(capsys, "bench-data", "--data", str(synthetic_dir), "--workers", "0",

@@ -139,6 +139,17 @@ def test_bf16_autocast_step():
     assert math.isfinite(engine.train_step(*batch()).as_floats()["loss"])
 
 
+@pytest.mark.parametrize("precision, flash", [("bf16", False), ("fp32", True)])
+def test_cpu_attention_kernel_follows_the_precision(precision, flash):
+    """bf16 on a CPU runs attention with the math kernel (faster there), fp32 keeps flash, and
+    the choice does not leak out of the step."""
+    engine = Engine(tiny_config(f"train.precision={precision}"), steps_per_epoch=2)
+    with engine.autocast():
+        assert torch.backends.cuda.flash_sdp_enabled() is flash
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_dino_framework_and_unshared_head_and_center_sampling():
     dino = Engine(tiny_config("loss.framework=dino"), steps_per_epoch=2)
     metrics = dino.train_step(*batch()).as_floats()
@@ -173,3 +184,61 @@ def test_head_batch_norm_trains_and_resumes_exactly(tmp_path):
     for (name, a), b in zip(straight.teacher.state_dict().items(),
                             resumed.teacher.state_dict().values()):
         assert torch.equal(a, b), name  # BN running statistics included
+
+
+def _losses_and_teacher(cfg, steps=3):
+    torch.manual_seed(0)
+    engine = Engine(cfg, steps_per_epoch=3)
+    losses = [engine.train_step(*batch(i)).as_floats()["loss"] for i in range(steps)]
+    return engine, losses
+
+
+def test_activation_checkpointing_gives_the_same_steps():
+    """Recomputing the student's blocks in backward changes memory, not the run: same losses and
+    teacher (drop path included, whose draws the recomputation must replay)."""
+    cfg = tiny_config("train.precision=fp32", "model.drop_path=0.2")
+    plain, plain_losses = _losses_and_teacher(cfg)
+    ckpt_cfg = copy.deepcopy(cfg)
+    ckpt_cfg.train.checkpoint_blocks = 2  # every block of the tiny model
+    ckpt, ckpt_losses = _losses_and_teacher(ckpt_cfg)
+    assert ckpt.student.backbone.checkpoint_blocks == 2 and ckpt.teacher.backbone.checkpoint_blocks == 0
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6)
+    for (name, a), b in zip(plain.teacher.state_dict().items(), ckpt.teacher.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert _saved_bytes(ckpt) < 0.7 * _saved_bytes(plain)  # and it does hold less for backward
+
+
+def _saved_bytes(engine) -> int:
+    """Bytes the autograd graph keeps for backward during one step (checkpointed blocks keep
+    only their inputs; their own saved tensors are the checkpoint's business)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine.train_step(*batch(9))
+    return total
+
+
+def test_compiled_blocks_match_eager_and_keep_the_state_dict():
+    """train.compile: 5 fp32 steps match eager within 1e-4 relative, checkpoints keep timm's
+    keys, and after the first step nothing recompiles (the shapes are static)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config("train.precision=fp32", "masking.strategy=attmask_high")
+    eager, eager_losses = _losses_and_teacher(cfg, steps=5)
+    compiled_cfg = copy.deepcopy(cfg)
+    compiled_cfg.train.compile = True
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    engine = Engine(compiled_cfg, steps_per_epoch=3)
+    losses = [engine.train_step(*batch(0)).as_floats()["loss"]]
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    losses += [engine.train_step(*batch(i)).as_floats()["loss"] for i in range(1, 5)]
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    assert graphs_after_first > 0
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # no recompiles
+    assert list(engine.teacher.state_dict()) == list(eager.teacher.state_dict())
+    torch._dynamo.reset()

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from attmask.config import ModelConfig
 
@@ -33,6 +34,7 @@ class MaskedViT(VisionTransformer):
     def __init__(self, **kwargs) -> None:
         super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+        self.checkpoint_blocks = 0  # the first N blocks recompute their activations in backward
 
     def forward_tokens(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
                        attn_layer: Optional[int] = None, head_reduce: str = "mean") -> ViTOutput:
@@ -54,7 +56,10 @@ class MaskedViT(VisionTransformer):
             if i == target:
                 attention = cls_attention(block.attn, block.norm1(x), self.num_prefix_tokens,
                                           head_reduce)
-            x = block(x)
+            if i < self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # keeps the drop-path draws
+            else:
+                x = block(x)
         x = self.norm(x)
         return ViTOutput(cls=x[:, 0], patches=x[:, self.num_prefix_tokens:], attention=attention)
 
