@@ -241,12 +241,15 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     from attmask.data.transforms import MultiCropTransform
 
     out: dict = {"bench_step": {}, "pretrain": {}}
+    on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
     for name, cfg in full_configs.items():
         for precision in ("fp32", "bf16"):
             c = copy.deepcopy(cfg)
             c.train.precision = precision
+            # On a GPU, bf16 also times train.compile: the figure that decides its GPU default.
             r = bench_step(c, ["random", "attmask_high"], steps=steps, warmup=warmup,
-                           device=device, log=lambda s: None)
+                           device=device, compare_compile=on_gpu and precision == "bf16",
+                           log=lambda s: None)
             out["device"] = r["device"]
             out["bench_step"][f"{name}/{precision}"] = {
                 "precision": r["precision"], "batch": r["config"]["batch"],
@@ -254,6 +257,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
                 "bound_images_per_s": r["bound_images_per_s"],
                 "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"),
                 "matmul_peak_gflop_s": r["matmul_peak_gflop_s"][precision],
+                **({"compile": r["compile"]} if "compile" in r else {}),
                 **{s: {k: v[k] for k in ("images_per_s", "fraction_of_bound",
                                          "achieved_gflop_s")}
                    for s, v in r["strategies"].items()}}
