@@ -165,7 +165,8 @@ class Engine:
         if self.device.type == "cpu" and dtype is torch.bfloat16:
             # The CPU flash-attention kernel's bf16 backward is slow at ViT sequence lengths:
             # the math kernel (which still reduces in fp32) measured 1.15-1.2x the whole
-            # tiny-cpu step and 1.07-1.09x at vit-tiny-224 (docs/speed.md). In fp32 flash is the faster one.
+            # tiny-cpu step and 1.07-1.09x at vit-tiny-224 (docs/speed.md). In fp32 flash is
+            # the faster one.
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 

@@ -33,11 +33,10 @@ from attmask.config import (
 )
 from attmask.data.prepare import PrepareArgs
 from attmask.errors import ConfigError, UserError
+from attmask.eval.results import KNN_TOP1, LINEAR_TOP1
 from attmask.eval.suite import DEFAULT_SUITE, EvalOptions
 from pipelines.faults import FaultInjection
 from pipelines.report import (
-    KNN,
-    LINEAR,
     Report,
     Rows,
     RunRecord,
@@ -356,7 +355,7 @@ def _log_report(tracker: Tracker, parent: str, report_dir: Path, runs: list[RunR
     tracker.log_metrics(parent, {
         f"{name}/{strategy}": statistics.fmean(values)
         for strategy in dict.fromkeys(r.strategy for r in runs)
-        for name, path in (("knn_top1", KNN), ("linear_top1", LINEAR))
+        for name, path in (("knn_top1", KNN_TOP1), ("linear_top1", LINEAR_TOP1))
         if (values := metric_values([r for r in runs if r.strategy == strategy
                                      and r.error is None], path))})
     for name in ("report.md", "report.html"):

@@ -67,8 +67,7 @@ def metric_values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
     return [v for r in runs if (v := lookup(r.results, path)) is not None]
 
 
-KNN, LINEAR = KNN_TOP1, LINEAR_TOP1
-PAIRED_METRICS = [("k-NN top-1", KNN), ("linear top-1", LINEAR), ("BG-gap", BG_GAP)]
+PAIRED_METRICS = [("k-NN top-1", KNN_TOP1), ("linear top-1", LINEAR_TOP1), ("BG-gap", BG_GAP)]
 RESOLUTION = 0.015  # the half-width a comparison aims for (points / 100)
 BASELINE_ROWS = [("init", "init (untrained, same seed)"), ("pixels", "pixels")]
 
@@ -169,8 +168,8 @@ def paired_table(rows: Rows, strategies: list[str], reference: str = "random") -
 def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     """What a reader should take away, in words, before the tables."""
     lines = []
-    init, pixels = rows.baseline_values("init", KNN), rows.baseline_values("pixels", KNN)
-    gains = [f"{s} {signed(rows.gains(s, KNN))}" for s in strategies if rows.gains(s, KNN)]
+    init, pixels = rows.baseline_values("init", KNN_TOP1), rows.baseline_values("pixels", KNN_TOP1)
+    gains = [f"{s} {signed(rows.gains(s, KNN_TOP1))}" for s in strategies if rows.gains(s, KNN_TOP1)]
     if gains:
         ref = (f"untrained network {mean_std(init)} %" if init else "untrained network")
         ref += f", raw pixels {mean_std(pixels)} %" if pixels else ""
@@ -178,7 +177,7 @@ def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
                      f"(points): {', '.join(gains)} ({ref}).")
     verdicts = []
     for s in strategies:
-        d = rows.paired(s, "random", KNN) if s != "random" and "random" in strategies else None
+        d = rows.paired(s, "random", KNN_TOP1) if s != "random" and "random" in strategies else None
         if d is not None:
             verdicts.append(f"{s} {100 * d.mean:+.1f} ({d.verdict})")
     if verdicts:
@@ -198,13 +197,13 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
     rows = Rows.of(runs, strategies)
     tables = [Table("k-NN on the teacher's [CLS] (k = 20, T = 0.07), %",
                     ["model", "top-1", "top-5", "gain over init (points)"],
-                    _metric_rows(rows, strategies, [KNN, KNN_TOP5], KNN))]
+                    _metric_rows(rows, strategies, [KNN_TOP1, KNN_TOP5], KNN_TOP1))]
     if (paired := paired_table(rows, strategies)) is not None:
         tables.append(paired)
     tables += [
         Table("Linear probe (last 4 blocks, epoch chosen on a validation split), %",
               ["model", "test top-1", "val top-1", "gain over init (points)"],
-              _metric_rows(rows, strategies, [LINEAR, LINEAR_VAL_TOP1], LINEAR)),
+              _metric_rows(rows, strategies, [LINEAR_TOP1, LINEAR_VAL_TOP1], LINEAR_TOP1)),
         Table("Few-shot k-NN (nu images per class; 1-NN for nu = 1, else 20-NN; 5 splits), %",
               ["model", *[f"nu={nu}" for nu in FEWSHOT]],
               _metric_rows(rows, strategies, [("fewshot", nu, "mean") for nu in FEWSHOT], None),

@@ -50,6 +50,11 @@ def configure_client(timeout_s: float) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def sqlite_folder(uri: str) -> Optional[Path]:
+    """The folder of a ``sqlite:///PATH`` store, or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
 def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
     """Fail within seconds, before any training, when the tracking store cannot be reached."""
     if uri.startswith(("http://", "https://")):
@@ -67,9 +72,8 @@ def check_tracking(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
             time.sleep(0.5 * (attempt + 1))
         raise UserError(f"tracking.uri={uri}: MLflow server unreachable ({last}); start it "
                         "(mlflow server --host 127.0.0.1 --port 5000) or fix tracking.uri")
-    if uri.startswith("sqlite:///"):
+    if folder := sqlite_folder(uri):
         # Checked without writing: a command refused later for bad input leaves no database.
-        folder = Path(uri.removeprefix("sqlite:///")).parent
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"tracking.uri={uri}: cannot create the database under {existing} "
@@ -160,8 +164,8 @@ class Tracker:
         SQLite store and its folder appear only once a run is logged or searched."""
         from mlflow.tracking import MlflowClient
 
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if folder := sqlite_folder(self.uri):
+            folder.mkdir(parents=True, exist_ok=True)
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     @classmethod
