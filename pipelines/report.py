@@ -11,13 +11,19 @@ from typing import Optional
 
 from attmask.eval.results import (
     BG_GAP,
+    KNN_N,
     KNN_TOP1,
     KNN_TOP5,
     LINEAR_TOP1,
     LINEAR_VAL_TOP1,
     lookup,
 )
-from attmask.eval.stats import PairedDifference, paired_difference, seeds_for_half_width
+from attmask.eval.stats import (
+    PairedDifference,
+    paired_difference,
+    proportion_difference,
+    seeds_for_half_width,
+)
 
 FEWSHOT = ["1", "5", "10", "20"]
 
@@ -68,6 +74,8 @@ def metric_values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
 
 
 PAIRED_METRICS = [("k-NN top-1", KNN_TOP1), ("linear top-1", LINEAR_TOP1), ("BG-gap", BG_GAP)]
+GAIN_WORDS = {"better": "above init", "worse": "below init",
+              "not distinguishable at this budget": "not distinguishable from init"}
 RESOLUTION = 0.015  # the half-width a comparison aims for (points / 100)
 BASELINE_ROWS = [("init", "init (untrained, same seed)"), ("pixels", "pixels")]
 
@@ -104,6 +112,19 @@ class Rows:
             if value is not None and init is not None:
                 out.append(value - init)
         return out
+
+    def gain_interval(self, strategy: str) -> Optional[PairedDifference]:
+        """k-NN top-1 gain over init with its 95 % interval: over seeds where there are two or
+        more, else from the test images' sampling error (one run against its own init)."""
+        pairs = [(v, i, lookup(r.results, KNN_N)) for r in self.strategies[strategy]
+                 if (v := lookup(r.results, KNN_TOP1)) is not None
+                 and (i := lookup(self.init_by_seed.get(r.seed, {}), KNN_TOP1)) is not None]
+        if len(pairs) >= 2:
+            return paired_difference([v for v, _, _ in pairs], [i for _, i, _ in pairs])
+        if len(pairs) == 1 and pairs[0][2]:
+            value, init, n = pairs[0]
+            return proportion_difference(value, init, int(n))
+        return None
 
     def paired(self, strategy: str, reference: str, path: tuple[str, ...]
                ) -> Optional[PairedDifference]:
@@ -169,10 +190,21 @@ def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     """What a reader should take away, in words, before the tables."""
     lines = []
     init, pixels = rows.baseline_values("init", KNN_TOP1), rows.baseline_values("pixels", KNN_TOP1)
-    gains = [f"{s} {signed(rows.gains(s, KNN_TOP1))}" for s in strategies if rows.gains(s, KNN_TOP1)]
-    if gains:
-        ref = (f"untrained network {mean_std(init)} %" if init else "untrained network")
-        ref += f", raw pixels {mean_std(pixels)} %" if pixels else ""
+    ref = f"untrained network {mean_std(init)} %" if init else "untrained network"
+    ref += f", raw pixels {mean_std(pixels)} %" if pixels else ""
+    judged = [(s, d) for s in strategies if (d := rows.gain_interval(s)) is not None]
+    if judged:
+        basis = {d.basis for _, d in judged}
+        where = ("over seeds" if basis == {"seeds"} else
+                 "from the test images' sampling error alone (one seed)" if basis == {"test images"}
+                 else "over seeds, or from the test images alone where a strategy has one seed")
+        lines.append("Learning: k-NN top-1 gain over the untrained network of the same seed "
+                     f"(points, 95 % interval {where}): "
+                     + "; ".join(f"{s} {100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+                                 f" {GAIN_WORDS[d.verdict]}" for s, d in judged)
+                     + f" ({ref}).")
+    elif gains := [f"{s} {signed(rows.gains(s, KNN_TOP1))}" for s in strategies
+                   if rows.gains(s, KNN_TOP1)]:
         lines.append(f"Learning: k-NN top-1 gain over the untrained network of the same seed "
                      f"(points): {', '.join(gains)} ({ref}).")
     verdicts = []

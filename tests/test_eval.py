@@ -30,6 +30,7 @@ def test_knn_separable_is_perfect_and_shuffled_is_chance():
     x_test, y_test = clusters(n_per_class=20, seed=1)
     acc = knn_accuracy(x, y, x_test, y_test, 4, ks=(10, 20))
     assert acc["k20"]["top1"] == 1.0 and acc["k10"]["top5"] == 1.0
+    assert acc["k20"]["n"] == len(y_test) == 80  # the test count travels with the accuracy
     g = torch.Generator().manual_seed(3)  # labels unrelated to the features: chance level
     bank, labels = torch.randn(800, 16, generator=g), torch.randint(0, 4, (800,), generator=g)
     queries, truth = torch.randn(800, 16, generator=g), torch.randint(0, 4, (800,), generator=g)

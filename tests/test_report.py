@@ -9,8 +9,9 @@ from pipelines.report import Rows, RunRecord, build_tables, paired_table, takeaw
 STRATEGIES = ["random", "attmask_high"]
 
 
-def record(strategy, seed, knn, linear, init_knn=0.30, masked=None):
-    results = {"knn": {"k20": {"top1": knn, "top5": knn + 0.3}}, "linear": {"top1": linear,
+def record(strategy, seed, knn, linear, init_knn=0.30, masked=None, n_test=None):
+    results = {"knn": {"k20": {"top1": knn, "top5": knn + 0.3, **({"n": n_test} if n_test else {})}},
+               "linear": {"top1": linear,
                                                                           "val_top1": linear},
                "baselines": {"init": {"knn": {"k20": {"top1": init_knn + seed / 100,
                                                       "top5": 0.7}},
@@ -65,10 +66,27 @@ def test_baseline_rows_and_gains_over_init_per_seed():
 def test_takeaways_lead_with_gain_verdict_and_object_masking():
     lines = takeaways(Rows.of(runs_with([0.01, 0.02, 0.03]), STRATEGIES), STRATEGIES)
     assert lines[0].startswith("Learning: k-NN top-1 gain over the untrained network")
-    assert "random +10.0 ± 0.0" in lines[0] and "raw pixels 46.0 %" in lines[0]
+    assert "95 % interval over seeds" in lines[0] and "raw pixels 46.0 %" in lines[0]
+    # random gains exactly 10 points on every seed; attmask_high 11, 12, 13 (t interval)
+    assert "random +10.0 [+10.0, +10.0] above init" in lines[0]
+    half = 4.302653 / math.sqrt(3)
+    assert f"attmask_high +12.0 [{12 - half:+.1f}, {12 + half:+.1f}] above init" in lines[0]
     assert "attmask_high +2.0 (not distinguishable at this budget)" in lines[1]
     assert "60.0 ± 0.0 % of its masked patches lie on the object" in lines[2]
     assert "object share of 30.0 ± 0.0 %" in lines[2]
+
+
+def test_one_seed_gain_is_judged_against_the_test_images():
+    # one seed, 1,000 test images: +10 points is beyond the sampling error, +1 is not
+    runs = [record("random", 0, 0.31, 0.5, n_test=1000),
+            record("attmask_high", 0, 0.40, 0.5, n_test=1000)]
+    line = takeaways(Rows.of(runs, STRATEGIES), STRATEGIES)[0]
+    assert "from the test images' sampling error alone (one seed)" in line
+    assert "random +1.0 [-3.0, +5.0] not distinguishable from init" in line
+    assert "attmask_high +10.0 [+5.8, +14.2] above init" in line
+    # results written before the test count was recorded: gains without a verdict
+    old = [record("random", 0, 0.31, 0.5)]
+    assert "random +1.0 (" in takeaways(Rows.of(old, ["random"]), ["random"])[0]
 
 
 def test_one_seed_and_missing_reference():

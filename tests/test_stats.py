@@ -7,6 +7,7 @@ from attmask.eval.stats import (
     NOT_DISTINGUISHABLE,
     ONE_SEED,
     paired_difference,
+    proportion_difference,
     seeds_for_half_width,
     t_quantile,
 )
@@ -54,3 +55,17 @@ def test_input_errors_and_seed_planning():
     assert t_quantile(0.95, n - 1) * 0.02 / math.sqrt(n) <= 0.015
     assert t_quantile(0.95, n - 2) * 0.02 / math.sqrt(n - 1) > 0.015
     assert seeds_for_half_width(1.0, 1e-4, max_seeds=10) is None
+
+
+def test_one_run_against_its_init_uses_the_test_images_sampling_error():
+    # 40 % vs 30 % on 1,000 images: half-width 1.96 * sqrt((0.24 + 0.21) / 1000) = 4.16 points
+    d = proportion_difference(0.40, 0.30, 1000)
+    assert d.mean == pytest.approx(0.10) and d.basis == "test images"
+    assert d.high - d.mean == pytest.approx(1.959964 * math.sqrt(0.45 / 1000), abs=1e-6)
+    assert d.verdict == "better"
+    # one point on 1,000 images is within the noise; the same point on 100,000 is not
+    assert proportion_difference(0.31, 0.30, 1000).verdict == NOT_DISTINGUISHABLE
+    assert proportion_difference(0.31, 0.30, 100_000).verdict == "better"
+    assert proportion_difference(0.25, 0.30, 10_000).verdict == "worse"
+    with pytest.raises(ValueError, match="n=0"):
+        proportion_difference(0.5, 0.5, 0)

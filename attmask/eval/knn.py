@@ -40,11 +40,12 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
                  test_features: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
                  ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
                  chunk: int = 1024) -> dict[str, dict[str, float]]:
-    """``{"k20": {"top1": a, "top5": a}, ...}`` as fractions in [0, 1]."""
+    """``{"k20": {"top1": a, "top5": a, "n": test images}, ...}``, accuracies as fractions in
+    [0, 1]; ``n`` lets a reader judge a difference against the test set's sampling error."""
     out = {}
     for k in ks:
         scores = knn_classify(train_features, train_labels, test_features, num_classes, k,
                               temperature, chunk)
         out[f"k{k}"] = {"top1": topk_accuracy(scores, test_labels, 1),
-                        "top5": topk_accuracy(scores, test_labels, 5)}
+                        "top5": topk_accuracy(scores, test_labels, 5), "n": len(test_labels)}
     return out

@@ -11,9 +11,10 @@ from typing import Optional, TypedDict
 Path = tuple[str, ...]
 
 
-class TopK(TypedDict):
+class TopK(TypedDict, total=False):
     top1: float
     top5: float
+    n: int  # test images (absent in results written before it was recorded)
 
 
 class LinearResult(TypedDict):
@@ -75,6 +76,7 @@ class Results(PartResults, total=False):
 
 KNN_TOP1: Path = ("knn", "k20", "top1")
 KNN_TOP5: Path = ("knn", "k20", "top5")
+KNN_N: Path = ("knn", "k20", "n")
 LINEAR_TOP1: Path = ("linear", "top1")
 LINEAR_VAL_TOP1: Path = ("linear", "val_top1")
 BG_GAP: Path = ("robustness", "bg_gap")

@@ -4,6 +4,10 @@ For one seed both arms start from the same weights and see the same samples, so 
 difference (arm minus reference) cancels most of the seed's luck. The mean difference gets a
 Student-t interval on those differences with n - 1 degrees of freedom; an interval that contains
 0 means "not distinguishable at this budget", whatever the sign of the mean.
+
+A single run against its own untrained network (same seed, same test images) has no seed
+spread to use; :func:`proportion_difference` then bounds the difference of two accuracies by the
+test set's sampling error alone, which is all one run can say.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class PairedDifference:
     low: Optional[float]  # None with fewer than 2 seeds
     high: Optional[float]
     std: Optional[float] = None  # of the per-seed differences
+    basis: str = "seeds"  # what the interval measures: "seeds" or "test images"
 
     @property
     def half_width(self) -> Optional[float]:
@@ -59,6 +64,21 @@ def paired_difference(arm: Sequence[float], reference: Sequence[float],
         return PairedDifference(1, mean, None, None)
     half = t_quantile(confidence, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return PairedDifference(len(diffs), mean, mean - half, mean + half, statistics.stdev(diffs))
+
+
+def proportion_difference(arm: float, reference: float, n: int, confidence: float = 0.95
+                          ) -> PairedDifference:
+    """Difference of two accuracies measured on the same ``n`` test images, with the normal
+    interval of two independent proportions: conservative here, since the two are measured on
+    the same images and their errors are positively correlated."""
+    if n < 1:
+        raise ValueError(f"n={n}: need at least one test image")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    half = z * math.sqrt((arm * (1 - arm) + reference * (1 - reference)) / n)
+    diff = arm - reference
+    return PairedDifference(1, diff, diff - half, diff + half, basis="test images")
 
 
 def seeds_for_half_width(diffs_std: float, target: float, confidence: float = 0.95,

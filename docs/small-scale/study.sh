@@ -73,11 +73,32 @@ declare -A TRIALS=(
     model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  # M without the patch loss (DINO's [CLS] term only): does the MIM term slow the [CLS]
+  # features at this scale? (and no teacher head over all 64 patches: a cheaper step)
+  [R-M-dino]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    loss.framework=dino"
+
+  # M with a 400-step warm-up instead of 100: M rose while its LR was near the peak
+  [S-M-warmup400]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=2"
+
+  # M at batch 128 (same images seen, half the steps, LR scaled linearly): centring and the
+  # teacher's targets are estimated over twice the images per step
+  [T-M-batch128]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=100 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    train.batch_size_per_worker=128"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4
        N-M-momentum0.98 P-M-constlr-m0.95
-       Q-M-lr2.5e-4)
+       Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
