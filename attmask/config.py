@@ -50,6 +50,8 @@ class ModelConfig:
     image_size: int = 224
     local_image_size: int = 96
     patch_size: int = 16
+    # patch embedding: timm's linear map, or "hmlp", a per-patch MLP (attmask.models.vit)
+    stem: Literal["linear", "hmlp"] = "linear"
     drop_path: float = 0.1
     out_dim: int = 8192
     shared_head: bool = True
@@ -71,6 +73,9 @@ class ModelConfig:
                 raise ConfigError(
                     f"{p}.{name}={size}: must be a positive multiple of "
                     f"{p}.patch_size={self.patch_size}")
+        if self.stem == "hmlp" and self.patch_size % 2:
+            raise ConfigError(f"{p}.stem=hmlp needs an even {p}.patch_size (its last stage "
+                              f"merges 2 x 2), got {self.patch_size}")
         _range(f"{p}.drop_path", self.drop_path, 0.0, 1.0)
         for name in ("out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
             _range(f"{p}.{name}", getattr(self, name), 1, 1 << 20)

@@ -157,3 +157,27 @@ def test_head_logits_are_fp32_under_bf16_autocast():
         z = head.project(x)
     assert torch.allclose(logits, head.last_layer(z), atol=0) and z.dtype == torch.bfloat16
     assert (logits - exact).abs().max() < 0.02  # only the bf16 MLP differs, not the last layer
+
+
+def test_hmlp_stem_keeps_patches_independent_and_trains_end_to_end():
+    from attmask.config import ModelConfig
+    from attmask.models.vit import build_backbone
+
+    cfg = ModelConfig(arch="vit_tiny", depth=2, image_size=32, local_image_size=16, patch_size=4,
+                      stem="hmlp")
+    torch.manual_seed(0)
+    model = build_backbone(cfg).eval()
+    assert isinstance(model.patch_embed.proj, torch.nn.Sequential)
+    x = torch.randn(2, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 4:8, 8:12] += 1.0  # one patch: row 1, column 2 of the 8 x 8 grid
+    with torch.no_grad():
+        ex, ey = model.patch_embed(x), model.patch_embed(y)  # (B, 8, 8, D)
+    changed = (ex - ey).abs().amax(dim=(0, 3)) > 1e-6
+    assert changed[1, 2] and changed.sum() == 1  # no other token sees that patch's pixels
+    with torch.no_grad():  # local crops and masks work as with the linear stem
+        out = model.forward_tokens(torch.randn(2, 3, 16, 16), mask=torch.rand(2, 16) > 0.5)
+    assert out.patches.shape == (2, 16, 192)
+    model.train()
+    model.forward_tokens(x).cls.pow(2).sum().backward()  # (a plain sum after the norm is 0)
+    assert model.patch_embed.proj[0].weight.grad.abs().sum() > 0

@@ -119,9 +119,22 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int = 1,
     raise ValueError(f"head_reduce={head_reduce!r}: allowed values are 'mean', 'max'")
 
 
+def hmlp_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
+    """Hierarchical MLP patch stem (Touvron et al., "Three things everyone should know about
+    vision transformers", ECCV 2022), in two stages: non-overlapping convolutions of
+    ``patch_size / 2`` and then 2 pixels with a GELU between, i.e. a small MLP per patch instead
+    of one linear map. Patches stay independent, so a masked patch still leaks nothing into the
+    tokens of its neighbours (a convolutional stem would)."""
+    first, hidden = patch_size // 2, embed_dim // 4
+    return nn.Sequential(nn.Conv2d(3, hidden, first, stride=first), nn.GELU(),
+                         nn.Conv2d(hidden, embed_dim, 2, stride=2))
+
+
 def build_backbone(cfg: ModelConfig, drop_path: Optional[float] = None) -> MaskedViT:
     dim, depth, heads = cfg.dims
     model = MaskedViT(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=dim,
                       depth=depth, num_heads=heads, qkv_bias=True,
                       drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
+    if cfg.stem == "hmlp":
+        model.patch_embed.proj = hmlp_stem(cfg.patch_size, dim)
     return model
