@@ -1,6 +1,8 @@
 """Pictures of what AttMask hides: images, the teacher's [CLS] attention and each strategy's mask."""
 from __future__ import annotations
 
+import itertools
+
 import io
 from typing import Optional, Sequence
 
@@ -96,17 +98,22 @@ def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xla
                    ylabel: str, hlines: Optional[dict[str, float]] = None) -> bytes:
     """One line per series; ``hlines`` adds labelled horizontal reference lines (baselines)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, points in series.items():
+    many = len(series) + len(hlines or {}) > 8  # the legend then goes beside the axes
+    fig, ax = plt.subplots(figsize=(8, 4) if many else (5, 3.2))
+    colours = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    for (name, points), colour in zip(series.items(), itertools.cycle(colours)):
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=name)
-    for (name, y), style in zip((hlines or {}).items(), ("--", ":", "-.")):
+            ax.plot(xs, ys, marker="o", markersize=4, color=colour, label=name)
+    for (name, y), style in zip((hlines or {}).items(), itertools.cycle(("--", ":", "-."))):
         ax.axhline(y, color="black", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _figure_png(fig)
 

@@ -82,3 +82,7 @@ def test_attention_masks_and_pictures():
     assert h > 0 and w > h  # one row per image, 2 + 2 columns
     assert min(_png_size(confusion_png(torch.eye(3) * 5, ["a", "b", "c"]))) > 100
     assert min(_png_size(line_chart_png({"random": [(1, 0.2), (2, 0.3)]}, "t", "epoch", "k-NN"))) > 100
+    # a study plot (many trials, several reference lines) puts its legend beside the axes
+    many = {f"trial {i}": [(0, 0.2), (1, 0.2 + i / 100)] for i in range(12)}
+    wide = _png_size(line_chart_png(many, "t", "min", "k-NN", {f"init {i}": 0.2 for i in range(5)}))
+    assert wide[0] > 1.4 * _png_size(line_chart_png({"a": [(0, 0.2)]}, "t", "min", "k-NN"))[0]
