@@ -27,12 +27,13 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     assert on_disk["mlflow_run_id"] == trained.mlflow_run_id
     assert set(on_disk) >= {"checkpoint", "data", "knn", "linear", "fewshot", "robustness",
                             "attention"}
-    assert set(on_disk["knn"]["k20"]) == {"top1", "top5"}
+    n_test = 32  # the synthetic test split
+    assert set(on_disk["knn"]["k20"]) == {"top1", "top5", "n"}
+    assert on_disk["knn"]["k20"]["n"] == n_test  # the count the report judges noise by
     assert set(on_disk["linear"]) >= {"top1", "val_top1", "epoch"}
     assert on_disk["fewshot"]["1"]["splits"] == 5
     assert "bg_gap" in on_disk["robustness"] and "mixed_rand" in on_disk["robustness"]["variants"]
     assert set(on_disk["attention"]) >= {"topk_on_object", "masked_on_object"}
-    n_test = 32  # the synthetic test split
     for key in ("eval/knn_k20_top1", "eval/knn_k20_top5", "eval/linear_top1"):
         correct = flat_metrics(results)[key] * n_test  # an accuracy counts whole images
         assert correct == pytest.approx(round(correct), abs=1e-6), key
