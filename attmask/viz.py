@@ -1,9 +1,8 @@
 """Pictures of what AttMask hides: images, the teacher's [CLS] attention and each strategy's mask."""
 from __future__ import annotations
 
-import itertools
-
 import io
+import itertools
 from typing import Optional, Sequence
 
 import numpy as np
