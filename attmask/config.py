@@ -149,6 +149,9 @@ class LossConfig:
     lambda1: float = 1.0
     lambda2: float = 1.0
     center_momentum: float = 0.9
+    # How the teacher's targets are kept from collapsing: "center" (an EMA centre, DINO/iBOT)
+    # or "sinkhorn" (Sinkhorn-Knopp over the batch, SwAV/DINOv2; center_momentum is unused).
+    centering: Literal["center", "sinkhorn"] = "center"
     # Share of patches (per image) that feed the patch centre. 1.0 = all patches, exactly as iBOT;
     # smaller values run the teacher head on fewer tokens (an unbiased, noisier centre estimate).
     patch_center_sample: float = 1.0

@@ -116,7 +116,8 @@ class Engine:
         self.loss = IBOTLoss(
             m.out_dim, m.out_dim if m.shared_head else m.patch_out_dim,
             student_temp=lc.student_temp, center_momentum=lc.center_momentum,
-            lambda1=lc.lambda1, lambda2=lc.lambda2, patch_loss=self.patch_loss).to(self.device)
+            lambda1=lc.lambda1, lambda2=lc.lambda2, patch_loss=self.patch_loss,
+            centering=lc.centering).to(self.device)
 
         decay, no_decay = [], []
         for name, p in self.student.named_parameters():

@@ -311,6 +311,7 @@ CASES = [
     (TRAIN + ["loss.student_temp=0"], ["loss.student_temp"]),
     (TRAIN + ["loss.warmup_teacher_temp_epochs=-1"], ["loss.warmup_teacher_temp_epochs"]),
     (TRAIN + ["loss.center_momentum=1.5"], ["loss.center_momentum"]),
+    (TRAIN + ["loss.centering=kmeans"], ["loss.centering", "sinkhorn"]),
     (TRAIN + ["loss.lambda1=-1"], ["loss.lambda1"]),
     (TRAIN + ["loss.patch_center_sample=0"], ["loss.patch_center_sample"]),
     (TRAIN + ["optim.lr=-1"], ["optim.lr"]),

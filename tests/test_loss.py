@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attmask.loss import IBOTLoss
+from attmask.loss import IBOTLoss, sinkhorn_knopp
 from attmask.runtime import teacher_temperature
 
 
@@ -114,3 +114,57 @@ def test_patch_temperature_is_its_own_and_old_checkpoints_name_the_patch_centre_
     restored = IBOTLoss(40, 40)
     restored.load_state_dict(old)
     assert torch.equal(restored.patch_center, torch.full((1, 40), 2.0))
+
+
+def reference_sinkhorn(scores, iterations=3):
+    """SwAV / DINOv2's teacher written in the linear domain (safe at moderate temperatures)."""
+    q = torch.exp(scores).t()  # (K, N)
+    k, n = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(1, keepdim=True)
+        q /= k
+        q /= q.sum(0, keepdim=True)
+        q /= n
+    return (q * n).t()
+
+
+def test_sinkhorn_matches_the_linear_domain_reference_and_spreads_the_batch():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(24, 16, generator=g) * 3
+    targets = sinkhorn_knopp(scores)
+    assert torch.allclose(targets, reference_sinkhorn(scores), atol=1e-6)
+    assert torch.allclose(targets.sum(1), torch.ones(24), atol=1e-6)  # rows are distributions
+    # one image's logits all alike but one prototype: softmax puts (nearly) the whole batch
+    # on that prototype; Sinkhorn-Knopp spreads it towards 24/16 = 1.5 images per prototype
+    collapsed = torch.randn(24, 16, generator=g) * 0.1
+    collapsed[:, 3] += 5.0
+    assert F.softmax(collapsed, -1)[:, 3].sum() > 20
+    converged = sinkhorn_knopp(collapsed, iterations=200)
+    assert torch.allclose(converged.sum(0), torch.full((16,), 1.5), atol=1e-3)
+
+
+def test_sinkhorn_is_finite_at_a_sharp_temperature():
+    scores = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 40 / 0.02
+    assert torch.isinf(torch.exp(scores)).any()  # why it runs in the log domain
+    targets = sinkhorn_knopp(scores)
+    assert torch.isfinite(targets).all()
+    assert torch.allclose(targets.sum(1), torch.ones(64), atol=1e-5)
+
+
+def test_sinkhorn_centering_uses_its_targets_and_leaves_the_centres_alone():
+    s_cls, t_cls, s_patch, t_patch, masks = make_inputs()
+    loss = IBOTLoss(40, 40, centering="sinkhorn")
+    out = loss(s_cls, t_cls, 0.04, s_patch[masks], t_patch[masks], masks, t_patch.flatten(0, 1))
+    assert torch.equal(loss.center, torch.zeros(1, 40))
+    assert torch.equal(loss.patch_center, torch.zeros(1, 40))
+    views = len(s_cls) // (len(t_cls) // 2)
+    log_s = F.log_softmax(s_cls / 0.1, -1).chunk(views)
+    t = sinkhorn_knopp(t_cls / 0.04).chunk(2)
+    expected = sum(-(t[q] * log_s[v]).sum(-1).mean()
+                   for q in range(2) for v in range(views) if v != q) / (2 * (views - 1))
+    assert torch.allclose(out["cls_loss"], expected, atol=1e-5)
+    centred = IBOTLoss(40, 40)(s_cls, t_cls, 0.04, s_patch[masks], t_patch[masks], masks)
+    assert not torch.allclose(out["patch_loss"], centred["patch_loss"], atol=1e-3)
+    with pytest.raises(ValueError, match="centering"):
+        IBOTLoss(40, 40, centering="kmeans")

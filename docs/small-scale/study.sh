@@ -102,11 +102,25 @@ declare -A TRIALS=(
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
     model.stem=hmlp"
+  # M with 64 prototypes instead of 256: fewer, coarser clusters than a batch of 64 can fill
+  # (each prototype then gets about one image per batch instead of a quarter)
+  [V-M-K64]="optim.lr=2e-3 model.drop_path=0 model.out_dim=64
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  # M with Sinkhorn-Knopp targets instead of the EMA centre (SwAV; DINOv2's teacher): each
+  # batch's targets spread over the prototypes from the first step, whatever the features
+  [W-M-sinkhorn]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    loss.centering=sinkhorn"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4
        N-M-momentum0.98 P-M-constlr-m0.95
-       Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp)
+       Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
+       W-M-sinkhorn)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
