@@ -6,9 +6,9 @@ patches, then over all images of both global views (unmasked images count as 0).
 (EMA 0.9), one for the [CLS] logits and one for the patch logits, keep the teacher from
 collapsing. ``centering="sinkhorn"`` replaces them with three Sinkhorn-Knopp iterations over the
 batch (SwAV, Caron et al. 2020; the teacher of DINOv2, Oquab et al. 2023): the targets of a batch
-then spread evenly over the prototypes from the first step. ``patch_loss=False`` (``framework="dino"``) keeps the [CLS] term only. The teacher
-temperatures come with each call (their schedule lives with the other schedules, in
-``attmask.runtime``).
+then spread evenly over the prototypes from the first step. ``patch_loss=False``
+(``framework="dino"``) keeps the [CLS] term only. The teacher temperatures come with each call
+(their schedule lives with the other schedules, in ``attmask.runtime``).
 """
 from __future__ import annotations
 
