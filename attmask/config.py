@@ -218,6 +218,7 @@ class TrainConfig:
     knn_split: str = "test"
     knn_train_samples: int = 1000
     knn_test_samples: int = 500
+    knn_student: bool = False  # also score the student (student_knn_top1), beside the teacher
 
     def validate(self, p: str, depth: int) -> None:
         _range(f"{p}.epochs", self.epochs, 1, 100_000)

@@ -34,7 +34,9 @@ class OnlineKnn:
         every, last = self.cfg.train.knn_every_epochs, self.cfg.train.epochs - 1
         return self.available and ((epoch + 1) % every == 0 or epoch == last)
 
-    def __call__(self, backbone: MaskedViT, device: Optional[torch.device] = None) -> dict:
+    def __call__(self, backbone: MaskedViT, device: Optional[torch.device] = None,
+                 prefix: str = "") -> dict:
+        """``{prefix}knn_top1`` and ``{prefix}knn_top5`` of ``backbone``'s [CLS] features."""
         t = self.cfg.train
         feats = {}
         for split, limit in (("train", t.knn_train_samples), (t.knn_split, t.knn_test_samples)):
@@ -47,4 +49,4 @@ class OnlineKnn:
         train, test = feats["train"], feats[t.knn_split]
         result = knn_accuracy(train.features, train.labels, test.features, test.labels,
                               len(self.dataset.classes), ks=(20,))["k20"]
-        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+        return {f"{prefix}knn_top1": result["top1"], f"{prefix}knn_top5": result["top5"]}

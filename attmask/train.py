@@ -28,6 +28,9 @@ LOOP_METRICS = ("loss", "cls_loss", "patch_loss", "teacher_flatness", "masked_fr
                 "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s", "train_s",
                 "small_images", "step", "epoch")
 KNN_METRICS = ("knn_top1", "knn_top5")
+# With train.knn_student the monitor also scores the student, to tell the teacher's EMA lag
+# from what the student itself has learned.
+STUDENT_KNN_METRICS = ("student_knn_top1", "student_knn_top5")
 
 
 @dataclass
@@ -80,9 +83,15 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     skipped: set[str] = set()  # distinct corrupt samples (each epoch reads them again)
     floats, knn = {}, {}
     small = 0  # images smaller than the global crop, upsampled (counted per read)
+    def measure() -> dict:
+        scores = monitor(engine.teacher.backbone, engine.device)
+        if cfg.train.knn_student:
+            scores.update(monitor(engine.student.backbone, engine.device, prefix="student_"))
+        return scores
+
     if monitor is not None and monitor.available and engine.step == 0:
         # The untrained network's score is the baseline every later point is read against.
-        init = monitor(engine.teacher.backbone, engine.device)
+        init = measure()
         print_fn(f"init: online k-NN top-1 {init['knn_top1']:.3f}")
         hooks.log({"step": 0, "epoch": 0, "train_s": 0.0, **init})
     start, start_step = time.perf_counter(), engine.step
@@ -101,9 +110,11 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             checkpoint_now = end_of_epoch or bool(every and engine.step % every == 0)
             if end_of_epoch and monitor is not None and monitor.due(epoch):
                 tick = time.perf_counter()
-                knn = monitor(engine.teacher.backbone, engine.device)
+                knn = measure()
                 monitor_s += time.perf_counter() - tick
-                print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}")
+                student = (f" (student {knn['student_knn_top1']:.3f})"
+                           if "student_knn_top1" in knn else "")
+                print_fn(f"epoch {epoch + 1}: online k-NN top-1 {knn['knn_top1']:.3f}{student}")
             if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)

@@ -45,7 +45,7 @@ from attmask.config import (
     set_dotted,
 )
 from attmask.errors import ConfigError, UserError
-from attmask.train import KNN_METRICS, LOOP_METRICS
+from attmask.train import KNN_METRICS, LOOP_METRICS, STUDENT_KNN_METRICS
 
 SAMPLERS = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
 SEARCHES = {"random", "grid", "optuna"}
@@ -173,7 +173,10 @@ def validate_spec(spec: TuneSpec, base: Config) -> None:
             allowed = "an integer >= 1" if name == "workers" else \
                 "a number > 0" if low else "a number >= 0"
             raise ConfigError(f"resources_per_trial.{name}={value!r}: must be {allowed}")
-    reported = set(LOOP_METRICS) | (set(KNN_METRICS) if base.train.knn_every_epochs else set())
+    reported = set(LOOP_METRICS)
+    if base.train.knn_every_epochs:
+        reported |= set(KNN_METRICS) | (set(STUDENT_KNN_METRICS) if base.train.knn_student
+                                        else set())
     if spec.metric not in reported:
         raise ConfigError(f"metric={spec.metric!r}: no trial reports it; reported: "
                           f"{', '.join(sorted(reported))}")

@@ -9,10 +9,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from attmask.data.shards import load_dataset
 from attmask.engine import NonFiniteLossError, StepMetrics
 from attmask.errors import ConfigError, DataError
+from attmask.models.vit import build_backbone
+from attmask.monitor import OnlineKnn
 from attmask.runtime import load_checkpoint
-from attmask.train import KNN_METRICS, LOOP_METRICS, keep_history_until, pretrain_local
+from attmask.train import KNN_METRICS, LOOP_METRICS, STUDENT_KNN_METRICS, keep_history_until, pretrain_local
 from conftest import ROOT, tiny_config, tiny_yaml
 
 
@@ -42,6 +45,28 @@ def test_pretrain_local_writes_outputs_and_timm_loadable_teacher(synthetic_dir, 
     teacher = load_checkpoint(run / "checkpoints" / "step_00000006.pt")["teacher"]
     assert torch.equal(weights["blocks.0.attn.qkv.weight"],
                        teacher["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_student_knn_is_logged_beside_the_teacher_s(synthetic_dir, tmp_path):
+    # a high LR and a slow teacher: after 3 steps the two networks score differently
+    cfg = cfg_for(synthetic_dir, tmp_path, "train.epochs=1", "train.knn_student=true",
+                  "optim.lr=0.2", "optim.momentum_teacher=0.9999")
+    summary = pretrain_local(cfg, log=lambda s: None)
+    lines = [json.loads(x) for x in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [x for x in lines if "knn_top1" in x]
+    assert [x["step"] for x in scored] == [0, 3]
+    assert all(set(STUDENT_KNN_METRICS) <= set(x) for x in scored)
+    # at step 0 the student is the teacher: the same weights score the same
+    assert scored[0]["student_knn_top1"] == scored[0]["knn_top1"]
+    # after training, the logged student score is the student's own (not the teacher's again)
+    assert scored[1]["student_knn_top1"] != scored[1]["knn_top1"]
+    final = load_checkpoint(summary.run_dir / "checkpoints" / "step_00000003.pt")
+    monitor = OnlineKnn(load_dataset(cfg.data.path), cfg)
+    for role, key in (("student", "student_knn_top1"), ("teacher", "knn_top1")):
+        backbone = build_backbone(cfg.model).eval()
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in final[role].items()
+                                  if k.startswith("backbone.")})
+        assert monitor(backbone)["knn_top1"] == pytest.approx(scored[1][key], abs=1e-6)
 
 
 def test_same_run_name_resumes_from_latest_checkpoint(synthetic_dir, tmp_path):
