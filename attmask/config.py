@@ -248,6 +248,11 @@ class DataConfig:
     # Gaussian blur sigma: "official" U(0.1, 2) px for every crop (DINO/iBOT/AttMask code), or
     # "scaled": that range at 224 px, scaled with the crop size (small CPU crops stay legible).
     blur_sigma: Literal["scaled", "official"] = "scaled"
+    # Colour distortion of every crop (DINO's): jitter strengths (brightness, contrast,
+    # saturation, hue) applied with color_jitter_prob, then grayscale with grayscale_prob.
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
     num_workers: int = 2
     shuffle_buffer: int = 1000
     verify_checksums: bool = True
@@ -259,6 +264,13 @@ class DataConfig:
             if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
                 raise ConfigError(f"{p}.{name}={lo_hi}: need [low, high] with 0 < low <= high <= 1")
         _range(f"{p}.local_crops_number", self.local_crops_number, 0, 64)
+        jitter = self.color_jitter
+        if (len(jitter) != 4 or not all(0.0 <= x <= 1.0 for x in jitter[:3])
+                or not 0.0 <= jitter[3] <= 0.5):
+            raise ConfigError(f"{p}.color_jitter={jitter}: need [brightness, contrast, "
+                              "saturation, hue], each in [0, 1] and hue in [0, 0.5]")
+        _range(f"{p}.color_jitter_prob", self.color_jitter_prob, 0.0, 1.0)
+        _range(f"{p}.grayscale_prob", self.grayscale_prob, 0.0, 1.0)
         _range(f"{p}.num_workers", self.num_workers, 0, 256)
         _range(f"{p}.shuffle_buffer", self.shuffle_buffer, 0, 1 << 24)
         _range(f"{p}.max_corrupt_fraction", self.max_corrupt_fraction, 0.0, 1.0)

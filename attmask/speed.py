@@ -238,7 +238,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     no shards: the library alone), whose loss, masks and teacher targets should behave as on a
     CPU. Needs only torch, timm and this package."""
     from attmask.data.synthetic import ObjectsOnBackgrounds
-    from attmask.data.transforms import MultiCropTransform
+    from attmask.data.transforms import pretraining_transform
 
     out: dict = {"bench_step": {}, "pretrain": {}}
     on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
@@ -268,8 +268,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     m, d = pretrain_cfg.model, pretrain_cfg.data
     engine = Engine(pretrain_cfg, steps_per_epoch=pretrain_steps, device=device)
     images = ObjectsOnBackgrounds(m.image_size, seed=0)
-    crops = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
-                               d.local_crops_scale, d.local_crops_number, d.blur_sigma)
+    crops = pretraining_transform(pretrain_cfg)
     batch_size, history = pretrain_cfg.train.batch_size_per_worker, []
     start = None
     for step in range(pretrain_steps):

@@ -25,7 +25,7 @@ from attmask.data.stream import (
     train_batches,
 )
 from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
-from attmask.data.transforms import MEAN, STD, EvalTransform, MultiCropTransform
+from attmask.data.transforms import MEAN, STD, EvalTransform, MultiCropTransform, pretraining_transform
 from attmask.errors import DataError
 from conftest import serve_folder, tiny_config
 
@@ -519,3 +519,27 @@ def test_blur_sigma_is_the_official_range_or_scaled_with_the_crop():
     assert _blur_sigmas(scaled.local) == pytest.approx((0.1 * 96 / 224, 2.0 * 96 / 224))
     assert load_config("paper-20pct-in1k").data.blur_sigma == "official"
     assert load_config("tiny-cpu").data.blur_sigma == "scaled"
+
+
+def test_colour_distortion_follows_the_config():
+    # a solid dark colour: crops, flips, blur and solarisation (it inverts >= 128 only) keep it,
+    # so any change of colour comes from the jitter or the grayscale
+    image = torch.tensor([100, 40, 10], dtype=torch.uint8)[:, None, None].expand(3, 32, 32)
+    def colours(cfg):
+        torch.manual_seed(0)
+        t = pretraining_transform(cfg)
+        crops = [c for _ in range(20) for c in (t.global1(image), t.global2(image))]
+        return torch.stack([c.mean((1, 2)) for c in crops])
+    base = "model.image_size=32", "model.local_image_size=16", "model.patch_size=4"
+    plain = colours(tiny_config(*base, "data.color_jitter_prob=0", "data.grayscale_prob=0"))
+    assert torch.allclose(plain, plain[0].expand_as(plain), atol=1e-3)
+    dino = colours(tiny_config(*base))  # DINO's distortion: most crops change colour
+    assert (dino - plain).abs().amax(1).gt(0.05).float().mean() > 0.5
+    grey = colours(tiny_config(*base, "data.color_jitter_prob=0", "data.grayscale_prob=1"))
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    rgb = grey * std + mean  # back to [0, 1]: every channel the same grey
+    assert torch.allclose(rgb, rgb[:, :1].expand_as(rgb), atol=1e-3)
+    jitter = pretraining_transform(tiny_config(*base, "data.color_jitter=[0.1,0.2,0.3,0.05]"))
+    (jit,) = [t.transforms[0] for t in jitter.local.transforms
+              if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.ColorJitter)]
+    assert jit.brightness == pytest.approx((0.9, 1.1)) and jit.hue == pytest.approx((-0.05, 0.05))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from attmask.config import Config
 from attmask.data.shards import Dataset
-from attmask.data.transforms import EvalTransform, MultiCropTransform
+from attmask.data.transforms import EvalTransform, MultiCropTransform, pretraining_transform
 from attmask.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -312,8 +312,7 @@ def train_batches(dataset: Dataset, cfg: Config, *, epoch: int, steps: int, rank
                   world_size: int = 1, skip: int = 0) -> Iterator[dict]:
     """Exactly ``steps - skip`` batches of epoch ``epoch`` (``skip`` resumes mid-epoch)."""
     m, d = cfg.model, cfg.data
-    transform = MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
-                                   d.local_crops_scale, d.local_crops_number, d.blur_sigma)
+    transform = pretraining_transform(cfg)
     stream = TrainStream(dataset, d.split, transform, cfg.train.batch_size_per_worker, rank=rank,
                          world_size=world_size, seed=cfg.train.seed, epoch=epoch,
                          shuffle_buffer=d.shuffle_buffer, min_size=m.image_size,
