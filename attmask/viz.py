@@ -97,8 +97,9 @@ def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xla
                    ylabel: str, hlines: Optional[dict[str, float]] = None) -> bytes:
     """One line per series; ``hlines`` adds labelled horizontal reference lines (baselines)."""
     plt = _pyplot()
-    many = len(series) + len(hlines or {}) > 8  # the legend then goes beside the axes
-    fig, ax = plt.subplots(figsize=(8, 4) if many else (5, 3.2))
+    entries = len(series) + len(hlines or {})
+    many = entries > 8  # the legend then goes beside the axes, as tall as it needs
+    fig, ax = plt.subplots(figsize=(8, max(4.0, 0.6 + 0.17 * entries)) if many else (5, 3.2))
     colours = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
     for (name, points), colour in zip(series.items(), itertools.cycle(colours)):
         if points:
