@@ -133,6 +133,12 @@ declare -A TRIALS=(
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
     data.color_jitter=[0.2,0.2,0.1,0.05] data.grayscale_prob=0.1"
+  # M with 6 local crops instead of 2 (DINO's multi-crop: 3x the [CLS] pairs per image, about
+  # 1.5x the step)
+  [Z-M-6local]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=6 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
   # M (the tiny-cpu preset) for 4,000 steps instead of 1,200 (its warm-up the same 100 steps,
   # its cosine over the whole run): how many CPU-minutes the shipped recipe needs for +10
   [L-M-4000steps]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
@@ -144,7 +150,8 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4
        N-M-momentum0.98 P-M-constlr-m0.95
        Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
-       W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps)
+       W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
+       Z-M-6local)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
