@@ -85,11 +85,15 @@ def tune_across_nodes(cluster, nodes: dict, spec: dict) -> dict:
             outcome["error"] = exc
 
     def b_is_training_from_a_checkpoint() -> bool:
-        # Two trials run at a time, one per worker node: once two trials have checkpointed and
-        # a worker is alive on node_b, the trial on node_b has a checkpoint to resume from.
-        trials = {p.parent for p in storage.glob("*/checkpoint_*")}
+        # Every trial's Train run writes a marker into its storage directory when it starts.
+        # Once every started run has checkpointed (at least two: one per worker node) and a
+        # worker is alive on node_b, the trial on node_b has a checkpoint to resume from, even
+        # when node_b started late and node_a has finished a trial meanwhile.
+        started = {p.parent for p in storage.glob("*/.validate_storage_marker")}
+        checkpointed = {p.parent for p in storage.glob("*/checkpoint_*")}
         alive = worker_actors(alive_only=True)[1]
-        return len(trials) >= 2 and nodes["node_b"].node_id in alive
+        return (len(checkpointed) >= 2 and started <= checkpointed
+                and nodes["node_b"].node_id in alive)
 
     runner = threading.Thread(target=search_thread, daemon=True)
     runner.start()
