@@ -139,6 +139,41 @@ declare -A TRIALS=(
     model.depth=4 data.local_crops_number=6 train.steps_per_epoch=200 train.epochs=6
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  # M with a one-layer head (a linear map to the bottleneck, then the prototypes) instead of
+  # DINO's 3-layer MLP: the supervised reference learns fast through a linear head on [CLS]; with
+  # less head between them the prototypes' clustering acts on the backbone's [CLS] more directly
+  [AA-M-head1]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    model.head_layers=1"
+  # M with a softer student (temperature 0.2 instead of DINO's 0.1): the cross-entropy
+  # saturates later, so a student far from the sharp (0.02) targets keeps a graded signal
+  [AB-M-student0.2]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    loss.student_temp=0.2"
+  # M with 2 blocks instead of 4: about 1.6x the steps per CPU-minute; L showed the recipe
+  # gains with steps, so a cheaper step that learns as much per step gains per minute
+  [AC-M-depth2]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=2 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  # M without masking (masking.prob=0: the student's [CLS] sees the full global crops, so the
+  # patch term has nothing to predict): DINO with multi-crop. Does hiding patches slow the
+  # [CLS] features at this scale?
+  [AD-M-nomask]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
+    masking.prob=0"
+  # M for 12,000 steps (about 4 hours, 15 CIFAR-10 epochs; resumable, so it spans sessions):
+  # where the shipped recipe's slow rise ends, i.e. what budget a strategy comparison needs
+  [LL-M-12000steps]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=400 train.epochs=30
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.25"
   # M (the tiny-cpu preset) for 4,000 steps instead of 1,200 (its warm-up the same 100 steps,
   # its cosine over the whole run): how many CPU-minutes the shipped recipe needs for +10
   [L-M-4000steps]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
@@ -151,7 +186,8 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        N-M-momentum0.98 P-M-constlr-m0.95
        Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
        W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
-       Z-M-6local)
+       Z-M-6local AA-M-head1 AB-M-student0.2
+       AC-M-depth2 AD-M-nomask LL-M-12000steps)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
