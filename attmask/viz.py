@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,14 @@ def bar_chart_png(series: dict[str, dict[str, float]], title: str, ylabel: str =
     return _figure_png(fig)
 
 
+def series_styles(count: int, colours: Sequence) -> list[tuple[Any, str, str]]:
+    """(colour, line style, marker) for ``count`` series: past the palette's length a colour
+    comes back with another line style and marker, so no two series look alike (up to three
+    times the palette)."""
+    return [(colours[i % len(colours)], ("-", "--", ":")[i // len(colours) % 3],
+             "osD"[i // len(colours) % 3]) for i in range(count)]
+
+
 def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
                    ylabel: str, hlines: Optional[dict[str, float]] = None) -> bytes:
     """One line per series; ``hlines`` adds labelled horizontal reference lines (baselines)."""
@@ -101,10 +109,12 @@ def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, xla
     many = entries > 8  # the legend then goes beside the axes, as tall as it needs
     fig, ax = plt.subplots(figsize=(8, max(4.0, 0.6 + 0.17 * entries)) if many else (5, 3.2))
     colours = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
-    for (name, points), colour in zip(series.items(), itertools.cycle(colours)):
+    for (name, points), (colour, style, marker) in zip(series.items(),
+                                                       series_styles(len(series), colours)):
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=4, color=colour, label=name)
+            ax.plot(xs, ys, marker=marker, markersize=4, color=colour, linestyle=style,
+                    label=name)
     for (name, y), style in zip((hlines or {}).items(), itertools.cycle(("--", ":", "-."))):
         ax.axhline(y, color="black", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel(xlabel)

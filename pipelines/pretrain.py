@@ -26,6 +26,7 @@ from pipelines.faults import FaultInjection
 from pipelines.ray_session import alive_nodes, ray_session
 
 STATE_FILE = "state.pt"
+RESUMED_METRIC = "resumed_from_step"  # logged at each resume, at the step it resumes from
 VIZ_STRATEGIES = ("random", "block", "attmask_high", "attmask_low", "attmask_hint")
 
 
@@ -200,6 +201,13 @@ class WorkerHooks:
         if self.logger is not None:
             self.pending.append(metrics)
 
+    def resumed(self, step: int) -> None:
+        """Each resume leaves a point in the run's history (``resumed_from_step`` at that
+        step), so a reader of the MLflow run sees when and where it went on after a failure;
+        the printed line may not outlive a lost node, this record does."""
+        if self.logger is not None:
+            self.logger.metrics({RESUMED_METRIC: step}, step=step)
+
     def checkpoint(self, engine, metrics: dict) -> None:
         import ray.train
 
@@ -296,9 +304,12 @@ def train_worker(loop_config: dict) -> dict:
     engine = Engine(cfg, steps_per_epoch(dataset, cfg, world), device=device, world_size=world,
                     rank=rank, wrap_student=wrap)
     printer = print if rank == 0 else (lambda s: None)
-    if checkpoint := ray.train.get_checkpoint():
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
         _restore(engine, checkpoint, printer)
     hooks = WorkerHooks(cfg, dataset, rank, loop_config)
+    if checkpoint:
+        hooks.resumed(engine.step)
     result = run_loop(engine, dataset, cfg, hooks.hooks(), rank=rank, world_size=world,
                       print_fn=printer)
     return hooks.finish(engine, result, world)

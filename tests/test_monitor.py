@@ -11,7 +11,7 @@ from attmask.data.prepare import PrepareArgs, prepare_data
 from attmask.data.shards import load_dataset
 from attmask.models.vit import build_backbone
 from attmask.monitor import OnlineKnn
-from attmask.viz import attention_and_masks, confusion_png, line_chart_png, mask_grid_png
+from attmask.viz import attention_and_masks, confusion_png, line_chart_png, mask_grid_png, series_styles
 from conftest import tiny_config
 
 COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230]], np.uint8)
@@ -86,3 +86,7 @@ def test_attention_masks_and_pictures():
     many = {f"trial {i}": [(0, 0.2), (1, 0.2 + i / 100)] for i in range(12)}
     wide = _png_size(line_chart_png(many, "t", "min", "k-NN", {f"init {i}": 0.2 for i in range(5)}))
     assert wide[0] > 1.4 * _png_size(line_chart_png({"a": [(0, 0.2)]}, "t", "min", "k-NN"))[0]
+    # more series than the palette has colours: none looks like another
+    styles = series_styles(25, [f"colour {i}" for i in range(20)])
+    assert len(set(styles)) == 25
+    assert styles[0][0] == styles[20][0] and styles[0][1:] != styles[20][1:]

@@ -80,6 +80,10 @@ def test_killed_worker_resumes_exactly_and_completes(ray_local, synthetic_dir, t
     assert steps == sorted(steps)  # replayed steps come after the checkpoint they resume from
     expected = {m.step: m.value for m in client.get_metric_history(straight.mlflow_run_id, "loss")}
     assert {m.step: m.value for m in history} == expected
+    # the resume is on record in the run itself, at the checkpoint's step
+    assert [(m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id,
+                                                                 "resumed_from_step")] == [(4, 4.0)]
+    assert not client.get_metric_history(straight.mlflow_run_id, "resumed_from_step")
     a, b = (load_checkpoint(os.path.join(r.checkpoint_path, "state.pt"))["teacher"]
             for r in (straight, result))
     assert all(torch.equal(a[k], b[k]) for k in a)
