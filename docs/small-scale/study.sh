@@ -18,6 +18,13 @@ COMMON="data.path=data/cifar10 train.output_dir=$OUT train.steps_per_epoch=80 tr
   train.log_every_steps=20 optim.warmup_epochs=0.5 loss.warmup_teacher_temp_epochs=1
   optim.freeze_last_layer=0 data.num_workers=1"
 
+# Trial M's recipe (the tiny-cpu preset of today), the base of the trials after it: each adds
+# its own keys, and a key given again overrides M's value (the last one wins).
+M_RECIPE="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
+    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
+    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
+    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+
 # Each trial changes a few keys of study-base.yaml, the tiny-cpu preset from before the study
 # (trial M is the tiny-cpu preset of today; see docs/small-scale.md for why).
 declare -A TRIALS=(
@@ -37,13 +44,13 @@ declare -A TRIALS=(
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
 
   # I plus batch norm in the head (DINO/iBOT --use_bn_in_head), against the collapse
-  [J-I+headbn]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256 model.head_bn=true
+  [J-I-headbn]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256 model.head_bn=true
     model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
 
   # J with gentler crops: views of one image that share more content agree more
-  [K-J+gentle-crops]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256 model.head_bn=true
+  [K-J-gentle-crops]="optim.lr=6e-3 model.drop_path=0 model.out_dim=256 model.head_bn=true
     model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
     loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
@@ -51,88 +58,44 @@ declare -A TRIALS=(
 
 
   # I at the default peak LR (5e-4 at batch 64): B reached uniform targets soonest at 1.5e-3
-  [M-I-lr5e-4]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  [M-I-lr5e-4]="$M_RECIPE"
 
   # M with a teacher that keeps following the student late in a short run
-  [N-M-momentum0.98]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    optim.momentum_teacher=0.98"
+  [N-M-momentum0.98]="$M_RECIPE optim.momentum_teacher=0.98"
 
   # M with a constant LR after the warm-up (min_lr = the peak at batch 64) and a teacher that
   # follows faster (0.95): N showed the late stall is not only the EMA
-  [P-M-constlr-m0.95]="optim.lr=2e-3 optim.min_lr=5e-4 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    optim.momentum_teacher=0.95"
+  [P-M-constlr-m0.95]="$M_RECIPE optim.min_lr=5e-4 optim.momentum_teacher=0.95"
 
   # M at half its peak LR (2.5e-4 at batch 64): lowering it from 1.5e-3 to 5e-4 made M rise
-  [Q-M-lr2.5e-4]="optim.lr=1e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  [Q-M-lr2.5e-4]="$M_RECIPE optim.lr=1e-3"
   # M without the patch loss (DINO's [CLS] term only): does the MIM term slow the [CLS]
   # features at this scale? (and no teacher head over all 64 patches: a cheaper step)
-  [R-M-dino]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    loss.framework=dino"
+  [R-M-dino]="$M_RECIPE loss.framework=dino"
 
   # M with a 400-step warm-up instead of 100: M rose while its LR was near the peak
-  [S-M-warmup400]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=2"
+  [S-M-warmup400]="$M_RECIPE optim.warmup_epochs=2"
 
   # M at batch 128 (same images seen, half the steps, LR scaled linearly): centring and the
   # teacher's targets are estimated over twice the images per step
-  [T-M-batch128]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=100 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    train.batch_size_per_worker=128"
+  [T-M-batch128]="$M_RECIPE train.steps_per_epoch=100 train.batch_size_per_worker=128"
   # M with a hierarchical-MLP patch stem (Touvron et al., "Three things everyone should know
   # about vision transformers", ECCV 2022): a per-patch 2-layer MLP instead of one linear map;
   # it keeps patches independent, so masking still hides a patch completely
-  [U-M-hmlp]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    model.stem=hmlp"
+  [U-M-hmlp]="$M_RECIPE model.stem=hmlp"
   # M with 64 prototypes instead of 256: fewer, coarser clusters than a batch of 64 can fill
   # (each prototype then gets about one image per batch instead of a quarter)
-  [V-M-K64]="optim.lr=2e-3 model.drop_path=0 model.out_dim=64
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  [V-M-K64]="$M_RECIPE model.out_dim=64"
   # M with Sinkhorn-Knopp targets instead of the EMA centre (SwAV; DINOv2's teacher): each
   # batch's targets spread over the prototypes from the first step, whatever the features
-  [W-M-sinkhorn]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    loss.centering=sinkhorn"
+  [W-M-sinkhorn]="$M_RECIPE loss.centering=sinkhorn"
   # M without colour jitter and grayscale (crop, flip, blur, solarisation only): at init two
   # views of one image land on the same teacher prototype 54 % of the time without the colour
   # distortion and 21 % with it (docs/small-scale/view_agreement.py), so the targets say little
   # about the image until colour invariance is learned
-  [X-M-nocolour]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    data.color_jitter_prob=0 data.grayscale_prob=0"
+  [X-M-nocolour]="$M_RECIPE data.color_jitter_prob=0 data.grayscale_prob=0"
   # between M and X: half DINO's jitter strengths and half its grayscale probability
-  [Y-M-halfcolour]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    data.color_jitter=[0.2,0.2,0.1,0.05] data.grayscale_prob=0.1"
+  [Y-M-halfcolour]="$M_RECIPE data.color_jitter=[0.2,0.2,0.1,0.05] data.grayscale_prob=0.1"
   # M with 6 local crops instead of 2 (DINO's multi-crop: 3x the [CLS] pairs per image, about
   # 1.5x the step)
   [Z-M-6local]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
@@ -142,47 +105,28 @@ declare -A TRIALS=(
   # M with a one-layer head (a linear map to the bottleneck, then the prototypes) instead of
   # DINO's 3-layer MLP: the supervised reference learns fast through a linear head on [CLS]; with
   # less head between them the prototypes' clustering acts on the backbone's [CLS] more directly
-  [AA-M-head1]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    model.head_layers=1"
+  [AA-M-head1]="$M_RECIPE model.head_layers=1"
   # M with a softer student (temperature 0.2 instead of DINO's 0.1): the cross-entropy
   # saturates later, so a student far from the sharp (0.02) targets keeps a graded signal
-  [AB-M-student0.2]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    loss.student_temp=0.2"
+  [AB-M-student0.2]="$M_RECIPE loss.student_temp=0.2"
   # M with 2 blocks instead of 4: about 1.6x the steps per CPU-minute; L showed the recipe
   # gains with steps, so a cheaper step that learns as much per step gains per minute
-  [AC-M-depth2]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=2 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
+  [AC-M-depth2]="$M_RECIPE model.depth=2"
   # M without masking (masking.prob=0: the student's [CLS] sees the full global crops, so the
   # patch term has nothing to predict): DINO with multi-crop. Does hiding patches slow the
   # [CLS] features at this scale?
-  [AD-M-nomask]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=200 train.epochs=6
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5
-    masking.prob=0"
+  [AD-M-nomask]="$M_RECIPE masking.prob=0"
   # M for 12,000 steps (about 4 hours, 15 CIFAR-10 epochs; resumable, so it spans sessions):
   # where the shipped recipe's slow rise ends, i.e. what budget a strategy comparison needs
-  [LL-M-12000steps]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=400 train.epochs=30
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.25"
+  [LL-M-12000steps]="$M_RECIPE train.steps_per_epoch=400 train.epochs=30
+    optim.warmup_epochs=0.25"
   # M (the tiny-cpu preset) for 4,000 steps instead of 1,200 (its warm-up the same 100 steps,
   # its cosine over the whole run): how many CPU-minutes the shipped recipe needs for +10
-  [L-M-4000steps]="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
-    model.depth=4 data.local_crops_number=2 train.steps_per_epoch=400 train.epochs=10
-    loss.warmup_teacher_temp=0.02 loss.teacher_temp=0.02
-    loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.25"
+  [L-M-4000steps]="$M_RECIPE train.steps_per_epoch=400 train.epochs=10
+    optim.warmup_epochs=0.25"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
-       I-depth4-2loc-sharp0.02-K256-1200steps J-I+headbn K-J+gentle-crops M-I-lr5e-4
+       I-depth4-2loc-sharp0.02-K256-1200steps J-I-headbn K-J-gentle-crops M-I-lr5e-4
        N-M-momentum0.98 P-M-constlr-m0.95
        Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
        W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
