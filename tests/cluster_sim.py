@@ -16,14 +16,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def pretrain_node_loss(cluster, nodes: dict, spec: dict) -> dict:
-    """Pretrain with one worker per node; after the first checkpoint node_b dies (all its
-    processes, SIGKILL) and a replacement node_c joins; the run resumes and finishes.
+    """Pretrain with one worker per node; once the first checkpoint is registered node_b dies
+    (all its processes, SIGKILL) and a replacement node_c joins; the run resumes from that
+    checkpoint and finishes.
     Nodes are started and stopped from the main thread (Ray's node objects install signal
     handlers), so the run itself goes in a thread."""
     from attmask.config import load_config
@@ -43,17 +45,17 @@ def pretrain_node_loss(cluster, nodes: dict, spec: dict) -> dict:
 
     runner = threading.Thread(target=train, daemon=True)
     runner.start()
-    while not (before := sorted(run_dir.glob("checkpoint_*"))) and runner.is_alive():
+    while not (before := registered_checkpoint(run_dir)) and runner.is_alive():
         time.sleep(0.05)
-    print(f"killing node_b after {before[-1].name if before else 'no checkpoint'}", flush=True)
+    print(f"killing node_b after {before or 'no checkpoint'}", flush=True)
     start = time.perf_counter()
     cluster.remove_node(nodes.pop("node_b"), allow_graceful=False)
     nodes["node_c"] = cluster.add_node(num_cpus=1, resources={"node_c": 1})
     names[nodes["node_c"].node_id] = "node_c"
     recovery = None
     while runner.is_alive():
-        if recovery is None and set(run_dir.glob("checkpoint_*")) > set(before):
-            recovery = time.perf_counter() - start  # loss -> the next checkpoint
+        if recovery is None and registered_checkpoint(run_dir) not in (None, before):
+            recovery = time.perf_counter() - start  # loss -> the next registered checkpoint
         time.sleep(0.05)
     if "error" in outcome:
         raise outcome["error"]
@@ -61,7 +63,7 @@ def pretrain_node_loss(cluster, nodes: dict, spec: dict) -> dict:
     return {"steps": result.steps, "rank0_node": names.get(result.node_id, result.node_id),
             "workers": [names.get(n, n) for n in worker_actors()[1]],
             "mlflow_run_id": result.mlflow_run_id, "recovery_s": recovery,
-            "killed_after": before[-1].name if before else None}
+            "killed_after": before}
 
 
 def tune_across_nodes(cluster, nodes: dict, spec: dict) -> dict:
@@ -86,11 +88,11 @@ def tune_across_nodes(cluster, nodes: dict, spec: dict) -> dict:
 
     def b_is_training_from_a_checkpoint() -> bool:
         # Every trial's Train run writes a marker into its storage directory when it starts.
-        # Once every started run has checkpointed (at least two: one per worker node) and a
-        # worker is alive on node_b, the trial on node_b has a checkpoint to resume from, even
-        # when node_b started late and node_a has finished a trial meanwhile.
+        # Once every started run has a registered checkpoint (at least two: one per worker
+        # node) and a worker is alive on node_b, the trial on node_b has a checkpoint to resume
+        # from, even when node_b started late and node_a has finished a trial meanwhile.
         started = {p.parent for p in storage.glob("*/.validate_storage_marker")}
-        checkpointed = {p.parent for p in storage.glob("*/checkpoint_*")}
+        checkpointed = {d for d in started if registered_checkpoint(d)}
         alive = worker_actors(alive_only=True)[1]
         return (len(checkpointed) >= 2 and started <= checkpointed
                 and nodes["node_b"].node_id in alive)
@@ -111,6 +113,18 @@ def tune_across_nodes(cluster, nodes: dict, spec: dict) -> dict:
     result = outcome["result"]
     return {"rows": result.rows, "killed": killed,
             "workers": [names.get(n, n) for n in worker_actors()[1]]}
+
+
+def registered_checkpoint(run_dir: Path) -> Optional[str]:
+    """The newest checkpoint Ray Train's controller has registered for a run (the one a
+    restarted worker group gets), from the snapshot it writes after each registration. A
+    checkpoint directory appears earlier, when the worker uploads it: a node lost between the
+    two restarts the run from scratch."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
 
 
 def worker_actors(alive_only: bool = False) -> tuple[list[str], list[str]]:
