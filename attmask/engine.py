@@ -147,6 +147,9 @@ class Engine:
         self._student_params = list(self.student.parameters())
         self._last_layer = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.step = 0
+        # Training wall time over all sessions of the run (the loop advances it; monitors
+        # excluded), kept in the checkpoint so a resumed run's time axis goes on, not back to 0.
+        self.train_s = 0.0
 
     @property
     def epoch(self) -> int:
@@ -268,7 +271,7 @@ class Engine:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "loss": self.loss.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step,
-                "config": self.cfg.to_yaml()}
+                "train_s": self.train_s, "config": self.cfg.to_yaml()}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -277,6 +280,7 @@ class Engine:
         self.loss.load_state_dict(state["loss"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.train_s = float(state.get("train_s", 0.0))  # absent before 2026-11-29
 
     def save(self, path: str | Path, extra: Optional[dict] = None) -> Path:
         """Write the full state atomically (a crash mid-write never leaves a torn checkpoint)."""

@@ -94,7 +94,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         init = measure()
         print_fn(f"init: online k-NN top-1 {init['knn_top1']:.3f}")
         hooks.log({"step": 0, "epoch": 0, "train_s": 0.0, **init})
-    start, start_step = time.perf_counter(), engine.step
+    start, start_step, start_train_s = time.perf_counter(), engine.step, engine.train_s
     monitor_s = 0.0  # time spent measuring, not training: kept out of train_s
     checkpointed = engine.step
     while engine.step < last:
@@ -118,11 +118,12 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
             if engine.step % cfg.train.log_every_steps == 0 or checkpoint_now:
                 floats = metrics.as_floats()
                 check_finite(floats, engine.step)
-                elapsed = time.perf_counter() - start - monitor_s
+                elapsed = time.perf_counter() - start - monitor_s  # this session
+                engine.train_s = start_train_s + elapsed
                 rate = (engine.step - start_step) * global_batch / max(elapsed, 1e-9)
                 eta = (last - engine.step) * global_batch / max(rate, 1e-9)
                 floats.update(images_per_s=rate, step=engine.step, epoch=epoch + 1,
-                              train_s=elapsed, small_images=small, **knn)
+                              train_s=engine.train_s, small_images=small, **knn)
                 knn = {}  # logged at the step it was measured, not repeated after it
                 hooks.log(floats)
                 if rank == 0:

@@ -78,8 +78,12 @@ def test_same_run_name_resumes_from_latest_checkpoint(synthetic_dir, tmp_path):
     second = pretrain_local(cfg, log=messages.append)
     assert second.resumed_from == 4 and second.steps == 6
     assert any("resuming resume-me from step 4" in m for m in messages)
-    steps = [json.loads(x)["step"] for x in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(0, 7))  # one continuous history, no step repeated
+    lines = [json.loads(x) for x in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(0, 7))  # one history, no step repeated
+    # The clock goes on from the checkpoint's training time, not from 0.
+    clock = [x["train_s"] for x in lines]
+    assert clock == sorted(clock) and clock[5] > clock[4] > 0
+    assert load_checkpoint(second.run_dir / "checkpoints" / "step_00000004.pt")["train_s"] == clock[4]
     with pytest.raises(ConfigError, match="different config"):
         pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=resume-me",
                                "train.checkpoint_every_steps=2", "train.checkpoint_keep=5",

@@ -23,13 +23,27 @@ def curves(study: Path) -> dict[str, list[tuple[float, float]]]:
     for metrics in files:
         name = metrics.parent.name if metrics.name == "metrics.jsonl" else metrics.stem
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        points = [(r.get("train_s", 0.0) / 60, 100 * r["knn_top1"]) for r in rows
-                  if "knn_top1" in r]
+        points = [(minutes / 60, 100 * r["knn_top1"])
+                  for r, minutes in zip(rows, training_seconds(rows)) if "knn_top1" in r]
         # runs logged before the monitor's value stopped repeating: keep where it changed
         points = [p for i, p in enumerate(points)
                   if i in (0, len(points) - 1) or p[1] != points[i - 1][1]]
         if points:
             out[name] = points
+    return out
+
+
+def training_seconds(rows: list[dict]) -> list[float]:
+    """Each row's training time since the run began. A run resumed from a checkpoint written
+    before ``train_s`` was kept in checkpoints (2026-11-29) restarted its clock at 0: its
+    later rows go on from the last time logged before the restart."""
+    out, offset, last = [], 0.0, 0.0
+    for r in rows:
+        t = r.get("train_s", 0.0)
+        if t < last:
+            offset += last
+        last = t
+        out.append(offset + t)
     return out
 
 
