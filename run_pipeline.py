@@ -209,7 +209,7 @@ def cmd_device_check(args) -> int:
     if args.quick:  # the reduced mode the tests run on a CPU: the same code, seconds
         tiny = load_config("tiny-cpu", overrides=["model.depth=2", "train.batch_size_per_worker=8"])
         plan = dict(full_configs={"tiny-cpu": tiny}, pretrain_cfg=tiny, steps=1, warmup=1,
-                    pretrain_steps=3)
+                    pretrain_steps=3, ddp_workers=2)  # DDP over gloo on two CPU processes
     else:
         paper = load_config("paper-20pct-in1k")
         plan = dict(full_configs={"vit-tiny-224": load_config("vit-tiny-224"),

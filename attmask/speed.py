@@ -1,5 +1,6 @@
 """Speed measurements: ``bench-step`` (training step per masking strategy), ``bench-data``
-(decode + multi-crop throughput) and ``device-check`` (the figures to record on a new machine).
+(decode + multi-crop throughput), ``ddp_step`` (the step through DDP on several processes) and
+``device-check`` (the figures to record on a new machine).
 
 ``bench-step`` interleaves the strategies (and a plain timm forward+backward of the same
 backbone, the bound) step by step in one process, drops warm-up steps and reports medians with
@@ -8,10 +9,14 @@ their spread, so the ratios hold up on a noisy machine. Only torch and timm are 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -229,14 +234,79 @@ def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches:
     return out
 
 
+def ddp_step(cfg: Config, world_size: int, *, steps: int = 5, warmup: int = 2,
+             device_type: str = "cuda") -> dict:
+    """The training step through ``DistributedDataParallel`` on ``world_size`` processes: one per
+    GPU over NCCL, or CPU processes over gloo (how the tests run it). Each rank steps on its own
+    random inputs of the config's shape. Reports the global images/s (median step of rank 0,
+    every rank waiting at a barrier before each step), the share per worker, and the largest
+    difference of any student weight between ranks afterwards, which is 0 when DDP's gradient
+    all-reduce (and the loss's all-reduced centres) keep the replicas identical."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d) / "ddp.json"
+        mp.spawn(_ddp_worker, args=(world_size, cfg, steps, warmup, device_type,
+                                    f"file://{d}/rendezvous", str(result)),
+                 nprocs=world_size, join=True)
+        return json.loads(result.read_text())
+
+
+def _ddp_worker(rank: int, world_size: int, cfg: Config, steps: int, warmup: int,
+                device_type: str, init_method: str, result: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:  # the processes share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
+                            world_size=world_size)
+    try:
+        unused = cfg.loss.framework == "dino" and not cfg.model.shared_head
+        engine = Engine(cfg, steps_per_epoch=10_000, device=device, world_size=world_size,
+                        rank=rank, wrap_student=lambda m: DistributedDataParallel(
+                            m, device_ids=[rank] if cuda else None,
+                            find_unused_parameters=unused))
+        B, m, n_local = cfg.train.batch_size_per_worker, cfg.model, cfg.data.local_crops_number
+        inputs = torch.Generator().manual_seed(rank)  # each rank its own images, as in training
+        images = torch.randn(2, B, 3, m.image_size, m.image_size, generator=inputs).to(device)
+        local = (torch.randn(n_local, B, 3, m.local_image_size, m.local_image_size,
+                             generator=inputs).to(device) if n_local else None)
+        times = []
+        for i in range(warmup + steps):
+            dist.barrier()
+            elapsed = _timed(lambda: engine.train_step(images, local), device)
+            if i >= warmup:
+                times.append(elapsed)
+        weights = torch.cat([p.detach().float().flatten() for p in engine.student.parameters()])
+        high, low = weights.clone(), weights.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if rank == 0:
+            step_s = statistics.median(times)
+            Path(result).write_text(json.dumps({
+                "world_size": world_size, "backend": dist.get_backend(),
+                "device": describe_device(device), "precision": engine.precision,
+                "batch_per_worker": B, "step_s_median": step_s,
+                "images_per_s": B * world_size / step_s, "images_per_s_per_worker": B / step_s,
+                "max_weight_difference_between_ranks": (high - low).abs().max().item()}))
+    finally:
+        dist.destroy_process_group()
+
+
 def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps: int = 5,
                  warmup: int = 2, pretrain_steps: int = 20, device: Optional[torch.device] = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 ddp_workers: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
     """The figures to record the first time a machine (a GPU) is available, in one dictionary:
     ``bench-step`` of each config in fp32 and bf16 (images/s, fraction of the plain-timm bound,
     peak memory), then a short pretraining run of ``pretrain_cfg`` on generated images (no Ray,
     no shards: the library alone), whose loss, masks and teacher targets should behave as on a
-    CPU. Needs only torch, timm and this package."""
+    CPU, then ``pretrain_cfg``'s step through DDP on ``ddp_workers`` processes (default: every
+    GPU when more than one is visible). Needs only torch, timm and this package."""
     from attmask.data.synthetic import ObjectsOnBackgrounds
     from attmask.data.transforms import pretraining_transform
 
@@ -298,4 +368,14 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
         out["pretrain"]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     log(f"pretrain {m.arch} {m.image_size}px: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
         f"{out['pretrain']['images_per_s_with_crops_on_cpu']:.1f} img/s (crops made on the CPU)")
+
+    gpus = torch.cuda.device_count() if engine.device.type == "cuda" else 0
+    workers = ddp_workers if ddp_workers is not None else gpus
+    if workers > 1:
+        out["ddp"] = ddp_step(pretrain_cfg, workers, steps=steps, warmup=warmup,
+                              device_type=engine.device.type)
+        log(f"ddp {workers} x {engine.device.type}: {out['ddp']['images_per_s']:.1f} img/s, "
+            f"replicas differ by {out['ddp']['max_weight_difference_between_ranks']:.1e}")
+    else:
+        out["ddp"] = {"skipped": f"{max(gpus, 1)} device(s): DDP needs at least 2"}
     return out

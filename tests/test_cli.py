@@ -208,6 +208,9 @@ def test_device_check_quick_mode_writes_every_figure(capsys, tmp_path):
     p = result["pretrain"]
     assert p["steps"] == 3 and p["all_finite"] and 0 < p["masked_fraction_mean"] < 0.5
     assert 0 < p["teacher_flatness_last"] <= 1 and p["images_per_s_with_crops_on_cpu"] > 0
+    ddp = result["ddp"]  # the same step through DDP, two gloo processes
+    assert ddp["world_size"] == 2 and ddp["backend"] == "gloo" and ddp["images_per_s"] > 0
+    assert ddp["max_weight_difference_between_ranks"] == 0  # replicas stay identical
 
 
 def test_device_check_and_bench_step_need_only_torch_and_timm(tmp_path):
