@@ -124,6 +124,12 @@ declare -A TRIALS=(
   # its cosine over the whole run): how many CPU-minutes the shipped recipe needs for +10
   [L-M-4000steps]="$M_RECIPE train.steps_per_epoch=400 train.epochs=10
     optim.warmup_epochs=0.25"
+  # LL at twice its peak LR (1e-3 at batch 64; the same 12,000-step schedule and seed, so its
+  # k-NN pairs with LL's point for point): LL gained about 1 point per 10 CPU-minutes while its
+  # LR was near the peak, a third of the 30-minute target's rate; does a higher peak, held as
+  # long, learn faster, or drive the targets uniform as I's 1.5e-3 did over 1,200 steps?
+  [AE-LL-lr1e-3]="$M_RECIPE optim.lr=4e-3 train.steps_per_epoch=400 train.epochs=30
+    optim.warmup_epochs=0.25"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I-headbn K-J-gentle-crops M-I-lr5e-4
@@ -131,7 +137,7 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
        W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
        Z-M-6local AA-M-head1 AB-M-student0.2
-       AC-M-depth2 AD-M-nomask LL-M-12000steps)
+       AC-M-depth2 AD-M-nomask LL-M-12000steps AE-LL-lr1e-3)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
