@@ -130,6 +130,11 @@ declare -A TRIALS=(
   # long, learn faster, or drive the targets uniform as I's 1.5e-3 did over 1,200 steps?
   [AE-LL-lr1e-3]="$M_RECIPE optim.lr=4e-3 train.steps_per_epoch=400 train.epochs=30
     optim.warmup_epochs=0.25"
+  # A complete 5,200-step run that keeps LL's LR high: cosine from the peak (5e-4 at batch 64)
+  # down to half of it (LL's LR at step 5,200 was 61 % of the peak). If it matches LL's +10 at
+  # step 5,200, it is the schedule for a strategy comparison at a budget where features learn
+  [AF-M-5200steps-floor]="$M_RECIPE train.steps_per_epoch=400 train.epochs=13
+    optim.warmup_epochs=0.25 optim.min_lr=2.5e-4"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I-headbn K-J-gentle-crops M-I-lr5e-4
@@ -137,7 +142,8 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        Q-M-lr2.5e-4 R-M-dino S-M-warmup400 T-M-batch128 U-M-hmlp V-M-K64
        W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
        Z-M-6local AA-M-head1 AB-M-student0.2
-       AC-M-depth2 AD-M-nomask LL-M-12000steps AE-LL-lr1e-3)
+       AC-M-depth2 AD-M-nomask LL-M-12000steps AE-LL-lr1e-3
+       AF-M-5200steps-floor)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
