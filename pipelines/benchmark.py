@@ -3,8 +3,10 @@ aggregate -> report, in one Ray session, tracked as an MLflow parent run with on
 (strategy, seed).
 
 Run names derive from a hash of the resolved configuration, so running the same benchmark again
-reuses every run that already finished (found in MLflow) and redoes only the rest. A failed run
-is shown in the report and makes the command exit non-zero.
+reuses every run that already finished and redoes only the rest. A finished run is found in
+MLflow or, where that store is gone (another machine, a fresh clone), in the ``record.json`` it
+left in the report folder, so a report folder that is copied or committed carries its finished
+runs with it. A failed run is shown in the report and makes the command exit non-zero.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import statistics
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -54,6 +56,7 @@ DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples",
              "image_size", "seed"}
 EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
+RECORD_FILE = "record.json"  # a finished run, beside its evaluation in the report folder
 
 
 @dataclass
@@ -237,7 +240,8 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
     from pipelines.pretrain import run_pretrain
 
     record = RunRecord(strategy, seed, cfg.train.run_name)
-    if _reuse_finished(tracker, record):
+    out = report_dir / "runs" / f"{strategy}-s{seed}"
+    if _reuse_finished(tracker, record) or _reuse_record(out, record):
         log(f"{record.run_name}: finished earlier, reused")
         return record
     run_start = time.perf_counter()
@@ -247,7 +251,6 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
         record.mlflow_run_id, record.model_version = trained.mlflow_run_id, trained.model_version
         record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
         record.device = trained.device
-        out = report_dir / "runs" / f"{strategy}-s{seed}"
         log(f"{record.run_name}: evaluating")
         record.results = run_evaluate(cfg, data=spec.data_dir, mlflow_run=trained.mlflow_run_id,
                                       out_dir=str(out), options=spec.eval_options(), log=log)
@@ -258,6 +261,7 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
         tracker.set_tags(record.mlflow_run_id, {
             DONE_TAG: "true", "cost.wall_s": f"{record.wall_s:.1f}",
             "cost.images_per_s": f"{record.images_per_s:.2f}", "cost.device": record.device})
+        _write_record(out, record)
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
         record.error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1][:300]}" \
             if str(exc).strip() else exc.__class__.__name__
@@ -294,6 +298,39 @@ def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
     record.device = run.data.tags.get("cost.device", "")
     record.model_version = run.data.tags.get("model_version", "")
     record.knn_history = _knn_history(tracker, run_id)
+    return True
+
+
+def _write_record(out: Path, record: RunRecord) -> None:
+    """Everything the report needs of a finished run but its evaluation (``results.json``) and
+    overlay, which lie beside it; written last and atomically, so it exists only for a run that
+    finished."""
+    saved = {k: v for k, v in asdict(record).items()
+             if k not in ("results", "overlay_png", "error", "skipped")}
+    tmp = out / f"{RECORD_FILE}.tmp"
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(out / RECORD_FILE)
+
+
+def _reuse_record(out: Path, record: RunRecord) -> bool:
+    """Fill ``record`` from the report folder when this run (same name, so the same resolved
+    configuration) finished there; an unreadable record means the run is done again."""
+    try:
+        saved = json.loads((out / RECORD_FILE).read_text())
+        if saved.get("run_name") != record.run_name:
+            return False
+        record.results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    record.mlflow_run_id = saved.get("mlflow_run_id")  # in the store the run was tracked in
+    record.knn_history = [tuple(point) for point in saved.get("knn_history", [])]
+    record.wall_s = float(saved.get("wall_s", 0))
+    record.images_per_s = float(saved.get("images_per_s", 0))
+    record.device = saved.get("device", "")
+    record.model_version = saved.get("model_version", "")
+    overlay = out / "attention_overlay.png"
+    record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
+    record.skipped = True
     return True
 
 

@@ -40,7 +40,7 @@ class RunRecord:
     images_per_s: float = 0.0
     device: str = ""
     error: Optional[str] = None
-    skipped: bool = False  # found finished in MLflow, not rerun
+    skipped: bool = False  # finished earlier (in MLflow or the report folder), not rerun
     overlay_png: Optional[bytes] = None
     model_version: str = ""  # the teacher backbone in MLflow's registry: NAME/VERSION
 

@@ -135,6 +135,44 @@ def test_rerun_reuses_finished_runs(bench_run):
     assert again.parent_run_id == first.parent_run_id
 
 
+def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
+    """Another machine, or a fresh clone with a committed report folder: the MLflow store does
+    not know the runs, and the same benchmark reuses them from the folder."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import resolve_tracking_uri, storage_path
+
+    tmp, spec, first = bench_run
+    cfg = next(iter(spec.configs.values()))
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg, storage_path(cfg)))
+    shutil.copytree(tmp / "reports", tmp / "committed")
+    gone = [r.mlflow_run_id for r in first.runs]
+    for run_id in gone:  # out of every search the benchmark makes
+        client.delete_run(run_id)
+    try:
+        again = run_benchmark(load_benchmark(str(tmp / "bench.yaml")),
+                              report_root=tmp / "committed", log=lambda s: None)
+        assert all(r.skipped for r in again.runs) and not again.failed
+        assert [r.results for r in again.runs] == [r.results for r in first.runs]
+        assert [r.knn_history for r in again.runs] == [r.knn_history for r in first.runs]
+        assert [r.model_version for r in again.runs] == [r.model_version for r in first.runs]
+        assert again.report_md.read_text().count("reused (finished earlier)") == len(STRATEGIES)
+        # a record of another configuration (another run name) is not reused: the run is redone
+        record = tmp / "committed" / "bench" / "runs" / "random-s0" / "record.json"
+        record.write_text(record.read_text().replace('"run_name": "bench-', '"run_name": "x-'))
+        spec = load_benchmark(str(tmp / "bench.yaml"))
+        spec.configs = {("random", 0): spec.configs[("random", 0)]}
+        redone = run_benchmark(spec, report_root=tmp / "committed", log=lambda s: None)
+        assert not redone.runs[0].skipped and not redone.failed
+        assert '"run_name": "bench-' in record.read_text()  # rewritten by the run that redid it
+        gone.append(redone.runs[0].mlflow_run_id)
+    finally:
+        for run_id in gone[:len(first.runs)]:
+            client.restore_run(run_id)
+        for run_id in gone[len(first.runs):]:
+            client.delete_run(run_id)
+
+
 def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
     path = write_bench(tmp_path, strategies=["random"])
     code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "reports"),
@@ -175,3 +213,26 @@ def test_a_data_path_override_is_what_the_runs_train_and_are_evaluated_on(tmp_pa
     spec = load_benchmark("paper-20pct-in1k", [f"data.path={tmp_path}"])
     assert spec.data_dir == str(tmp_path) and spec.prepare_args() is None
     assert {c.data.path for c in spec.configs.values()} == {str(tmp_path)}
+
+
+def test_every_benchmark_preset_resolves_and_pairs_its_runs_by_seed():
+    from pipelines.benchmark import BENCH_DIR
+
+    for path in sorted(BENCH_DIR.glob("*.yaml")):
+        spec = load_benchmark(path.stem)
+        assert set(spec.configs) == {(s, seed) for s in spec.strategies for seed in spec.seeds}
+        # seed-major: an interrupted benchmark (or one sitting of a long one) ends on whole pairs
+        assert [seed for _, seed in spec.configs] == sorted(seed for _, seed in spec.configs)
+
+
+def test_the_long_cpu_comparison_keeps_its_learning_rate_high_to_the_end():
+    from attmask.runtime import cosine_schedule
+
+    spec = load_benchmark("cifar10-cpu-long")
+    cfg = spec.configs[("random", 0)]
+    o, t = cfg.optim, cfg.train
+    peak = o.lr * t.batch_size_per_worker / o.lr_batch_reference
+    lr = cosine_schedule(peak, o.min_lr, t.epochs, t.steps_per_epoch, warmup_epochs=o.warmup_epochs)
+    assert len(lr) == 2800 and lr.max() == pytest.approx(5e-4)
+    assert lr[-1] == pytest.approx(2.5e-4, rel=0.01)  # the floor: half the peak at the end
+    assert spec.strategies == ["random", "attmask_high"] and spec.seeds == [0, 1, 2]
