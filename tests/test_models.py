@@ -3,6 +3,7 @@ import timm
 import torch
 
 from attmask.models import IBOTHead, MaskedViT, MultiCropNet
+from attmask.models.head import ROW_BUCKET
 from attmask.models.vit import cls_attention
 
 
@@ -110,6 +111,35 @@ def test_head_shared_and_unshared():
     assert unshared(torch.randn(4, 48))[1] is None
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_head_pads_patch_rows_to_few_shapes_without_changing_a_real_row(shared):
+    head = IBOTHead(48, 100, hidden_dim=32, bottleneck_dim=16, shared_head=shared,
+                    patch_out_dim=100)
+    rows, shapes = [], set()
+    head.mlp.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    cls_tokens = torch.randn(4, 48)
+    for n in range(0, 1000, 7):
+        patches = torch.randn(n, 48)
+        rows.clear()
+        cls, patch = head(cls_tokens, patches)
+        shapes.add(rows[0])
+        assert cls.shape == (4, 100) and patch.shape == (n, 100)
+        last = head.last_layer if shared else head.patch_last_layer
+        if n:
+            assert torch.allclose(patch, last(head.project(patches)), atol=1e-5)
+        assert torch.allclose(cls, head.last_layer(head.project(cls_tokens)), atol=1e-5)
+    # 143 masked-patch counts, 9 shapes (oneDNN caches kernels per shape)
+    assert {r - 4 for r in shapes} == set(range(0, 1024 + 1, ROW_BUCKET))
+
+
+def test_head_with_batch_norm_sees_no_padding_rows():
+    head = IBOTHead(8, 10, hidden_dim=8, bottleneck_dim=4, batch_norm=True)
+    rows = []
+    head.mlp.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    head(torch.randn(4, 8), torch.randn(13, 8))
+    assert rows == [4 + 13]  # padding would enter the batch statistics
+
+
 def test_head_last_layer_weight_norm_gain_frozen_when_norm_last_layer():
     frozen = IBOTHead(8, 10, hidden_dim=8, bottleneck_dim=4, norm_last_layer=True)
     free = IBOTHead(8, 10, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
@@ -129,7 +159,8 @@ def test_student_projects_only_masked_patches_and_local_cls():
     cls, patch = net(torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16), masks)
     assert cls.shape == (10, 50)  # 4 global + 6 local [CLS] tokens
     assert patch.shape == (13, 50)  # only the 13 masked patches
-    assert calls == [10 + 13]  # one MLP pass, no local or unmasked patch tokens
+    # one MLP pass, no local or unmasked patch tokens: the 13 masked ones padded to one bucket
+    assert calls == [10 + ROW_BUCKET]
 
 
 def test_head_batch_norm_spreads_nearly_identical_inputs():

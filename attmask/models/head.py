@@ -5,6 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The number of masked patches changes from step to step, and oneDNN (torch's CPU matmul
+# library) builds and caches kernels per matrix shape, tens of MB each with bf16 on AMX: a run
+# would hold gigabytes of them. Padding the patch rows to a multiple of this leaves the head a
+# few dozen shapes (docs/speed.md, section 5).
+ROW_BUCKET = 128
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight normalisation, ``w = g * v / ||v||`` row-wise.
@@ -54,6 +60,7 @@ class IBOTHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_linear)
+        self.pad_rows = not batch_norm  # batch statistics must not see padding rows
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.patch_last_layer = (None if shared_head else
                                  WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer))
@@ -65,12 +72,16 @@ class IBOTHead(nn.Module):
         """Logits for [CLS] tokens (N, D) and, optionally, patch tokens (M, D), in one MLP pass."""
         if patch_tokens is None:
             return self.last_layer(self.project(cls_tokens)), None
-        z = self.project(torch.cat([cls_tokens, patch_tokens]))
-        z_cls, z_patch = z[:len(cls_tokens)], z[len(cls_tokens):]
+        n_cls, n_patch = len(cls_tokens), len(patch_tokens)
+        rows = [cls_tokens, patch_tokens]
+        if self.pad_rows and n_patch % ROW_BUCKET:
+            rows.append(patch_tokens.new_zeros(ROW_BUCKET - n_patch % ROW_BUCKET,
+                                               patch_tokens.shape[1]))
+        z = self.project(torch.cat(rows))  # every row on its own: padding changes no real row
         if self.patch_last_layer is None:
             logits = self.last_layer(z)
-            return logits[:len(cls_tokens)], logits[len(cls_tokens):]
-        return self.last_layer(z_cls), self.patch_last_layer(z_patch)
+            return logits[:n_cls], logits[n_cls:n_cls + n_patch]
+        return self.last_layer(z[:n_cls]), self.patch_last_layer(z[n_cls:])[:n_patch]
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -4,7 +4,7 @@
 # (k = 20, 5,000-image bank, 2,000 test images) at step 0 and after every 80-step "epoch".
 # Usage: bash docs/small-scale/study.sh [TRIAL ...]   (no argument: every trial below)
 # A finished trial (its teacher_backbone.safetensors exists) is skipped and an interrupted one
-# resumes from its latest checkpoint (its train_s time axis then restarts at the resume).
+# resumes from its latest checkpoint (its train_s clock continues from the checkpoint's).
 set -euo pipefail
 # The whole script is one block, read before it runs: editing this file (adding a trial) while
 # a study runs then cannot change what the running study executes.
