@@ -215,20 +215,20 @@ def test_a_data_path_override_is_what_the_runs_train_and_are_evaluated_on(tmp_pa
     assert {c.data.path for c in spec.configs.values()} == {str(tmp_path)}
 
 
-def test_every_benchmark_preset_resolves_and_pairs_its_runs_by_seed():
+def test_every_benchmark_preset_resolves_and_pairs_its_runs_by_seed(tmp_path):
     from pipelines.benchmark import BENCH_DIR
 
-    for path in sorted(BENCH_DIR.glob("*.yaml")):
-        spec = load_benchmark(path.stem)
+    for path in sorted(BENCH_DIR.glob("*.yaml")):  # data.path: no preset's data is needed
+        spec = load_benchmark(path.stem, [f"data.path={tmp_path}"])
         assert set(spec.configs) == {(s, seed) for s in spec.strategies for seed in spec.seeds}
         # seed-major: an interrupted benchmark (or one sitting of a long one) ends on whole pairs
         assert [seed for _, seed in spec.configs] == sorted(seed for _, seed in spec.configs)
 
 
-def test_the_long_cpu_comparison_keeps_its_learning_rate_high_to_the_end():
+def test_the_long_cpu_comparison_keeps_its_learning_rate_high_to_the_end(tmp_path):
     from attmask.runtime import cosine_schedule
 
-    spec = load_benchmark("cifar10-cpu-long")
+    spec = load_benchmark("cifar10-cpu-long", [f"data.path={tmp_path}"])
     cfg = spec.configs[("random", 0)]
     o, t = cfg.optim, cfg.train
     peak = o.lr * t.batch_size_per_worker / o.lr_batch_reference
