@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # The number of masked patches changes from step to step, and oneDNN (torch's CPU matmul
-# library) builds and caches kernels per matrix shape, tens of MB each with bf16 on AMX: a run
-# would hold gigabytes of them. Padding the patch rows to a multiple of this leaves the head a
-# few dozen shapes (docs/speed.md, section 5).
+# library) builds and caches kernels per matrix shape: with bf16 on AMX each new count cost about
+# 20 MB of them, gigabytes over a run. Padding the patch rows to a multiple of this leaves the
+# head a few dozen shapes (docs/speed.md, section 5).
 ROW_BUCKET = 128
 
 
