@@ -74,9 +74,10 @@ class BenchmarkSpec:
     digest: str = ""
     cli_overrides: list[str] = field(default_factory=list)
 
-    @property
-    def command(self) -> str:
-        return " ".join(["python run_pipeline.py benchmark --preset", self.name,
+    def command(self, report_root: str | Path = "reports") -> str:
+        """The command line that reruns (or continues) this benchmark into the same folder."""
+        reports = [] if Path(report_root) == Path("reports") else ["--reports", str(report_root)]
+        return " ".join(["python run_pipeline.py benchmark --preset", self.name, *reports,
                          *self.cli_overrides])
 
     @property
@@ -224,9 +225,9 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
             runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
                                  log))
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
-                make_report(spec, runs, time.perf_counter() - start).write(report_dir)
+                make_report(spec, runs, time.perf_counter() - start, report_root).write(report_dir)
     wall = time.perf_counter() - start
-    report = make_report(spec, runs, wall)
+    report = make_report(spec, runs, wall, report_root)
     md, page = report.write(report_dir)
     _log_report(tracker, parent, report_dir, runs)
     log(f"report: {md} and {page} ({wall:.0f}s)")
@@ -334,14 +335,18 @@ def _reuse_record(out: Path, record: RunRecord) -> bool:
     return True
 
 
-def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float) -> Report:
+def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
+                report_root: str | Path = "reports") -> Report:
     first = next(iter(spec.configs.values()))
     devices = sorted({r.device for r in runs if r.device}) or ["?"]
+    # A resumed benchmark's own wall time leaves out the runs it reused: state both.
+    machine_s = sum(r.wall_s for r in runs)
     intro = [
-        f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
-        f"{wall_s:.0f} s on {platform.machine()} with {os.cpu_count()} CPU cores "
-        f"(runs on: {', '.join(devices)}); {versions()}; commit {git_commit()}.",
-        f"Reproduce: {spec.command}",
+        f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
+        f"{platform.machine()} with {os.cpu_count()} CPU cores (runs on: {', '.join(devices)}); "
+        f"{versions()}; commit {git_commit()}. Wall time: {machine_s:.0f} s for the "
+        f"{len(runs)} runs, {wall_s:.0f} s in this invocation.",
+        f"Reproduce: {spec.command(report_root)}",
         f"{len(runs)} runs: strategies {', '.join(spec.strategies)} x seeds {spec.seeds}; model "
         f"{first.model.arch} depth {first.model.dims[1]} at {first.model.image_size} px, "
         f"{first.train.epochs} epochs, masking ratio {first.masking.ratio} with probability "

@@ -133,6 +133,14 @@ def test_rerun_reuses_finished_runs(bench_run):
     assert all(r.skipped for r in again.runs) and again.wall_s < first.wall_s
     assert [r.results["knn"] for r in again.runs] == [r.results["knn"] for r in first.runs]
     assert again.parent_run_id == first.parent_run_id
+    # the report says how to continue into the same folder, and what the reused runs cost
+    md = again.report_md.read_text()
+    assert f"Reproduce: python run_pipeline.py benchmark --preset bench --reports {tmp / 'reports'}\n" \
+        in md
+    machine = sum(r.wall_s for r in again.runs)
+    assert machine > again.wall_s
+    assert f"Wall time: {machine:.0f} s for the 2 runs, {again.wall_s:.0f} s in this invocation" \
+        in md
 
 
 def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
@@ -223,6 +231,13 @@ def test_every_benchmark_preset_resolves_and_pairs_its_runs_by_seed(tmp_path):
         assert set(spec.configs) == {(s, seed) for s in spec.strategies for seed in spec.seeds}
         # seed-major: an interrupted benchmark (or one sitting of a long one) ends on whole pairs
         assert [seed for _, seed in spec.configs] == sorted(seed for _, seed in spec.configs)
+
+
+def test_the_reproduce_command_names_the_report_folder_only_when_it_is_not_the_default(tmp_path):
+    spec = load_benchmark(str(write_bench(tmp_path)), ["train.epochs=3"])
+    assert spec.command() == "python run_pipeline.py benchmark --preset bench train.epochs=3"
+    assert spec.command("docs/results") == \
+        "python run_pipeline.py benchmark --preset bench --reports docs/results train.epochs=3"
 
 
 def test_the_long_cpu_comparison_keeps_its_learning_rate_high_to_the_end(tmp_path):
