@@ -139,14 +139,15 @@ def cmd_tune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from pipelines.benchmark import load_benchmark, plan, run_benchmark
+    from pipelines.benchmark import REPORT_ROOT, load_benchmark, plan, run_benchmark
 
+    report_root = args.reports or REPORT_ROOT
     spec = load_benchmark(args.preset, args.overrides)
-    print(plan(spec, args.reports))
+    print(plan(spec, report_root))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")
         return 0
-    result = run_benchmark(spec, address=args.address, report_root=args.reports,
+    result = run_benchmark(spec, address=args.address, report_root=report_root,
                            fault=args.inject_fault)
     for r in result.failed:
         print(f"error: run {r.run_name} failed: {r.error}", file=sys.stderr)
@@ -313,7 +314,7 @@ def build_parser() -> Parser:
     p.add_argument("--preset", default="default", help="configs/benchmark/NAME.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every run")
     p.add_argument("--address", help="attach to a running cluster")
-    p.add_argument("--reports", default="reports", help="report root (reports/<name>/)")
+    p.add_argument("--reports", help="report root (default: reports/, one folder per benchmark)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     add_fault_arg(p)
     p.set_defaults(func=cmd_benchmark)

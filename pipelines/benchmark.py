@@ -57,6 +57,7 @@ DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples",
 EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
 RECORD_FILE = "record.json"  # a finished run, beside its evaluation in the report folder
+REPORT_ROOT = Path("reports")  # reports/<benchmark name>/ unless --reports says otherwise
 
 
 @dataclass
@@ -74,9 +75,9 @@ class BenchmarkSpec:
     digest: str = ""
     cli_overrides: list[str] = field(default_factory=list)
 
-    def command(self, report_root: str | Path = "reports") -> str:
+    def command(self, report_root: str | Path = REPORT_ROOT) -> str:
         """The command line that reruns (or continues) this benchmark into the same folder."""
-        reports = [] if Path(report_root) == Path("reports") else ["--reports", str(report_root)]
+        reports = [] if Path(report_root) == REPORT_ROOT else ["--reports", str(report_root)]
         return " ".join(["python run_pipeline.py benchmark --preset", self.name, *reports,
                          *self.cli_overrides])
 
@@ -175,7 +176,7 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
     return spec
 
 
-def plan(spec: BenchmarkSpec, report_root: str | Path = "reports") -> str:
+def plan(spec: BenchmarkSpec, report_root: str | Path = REPORT_ROOT) -> str:
     first = next(iter(spec.configs.values()))
     data = spec.data.get("path") or f"{spec.data['source']} -> {spec.data['out']}"
     return "\n".join([
@@ -204,7 +205,7 @@ class BenchmarkResult:
 
 
 def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
-                  report_root: str | Path = "reports", fault: Optional[FaultInjection] = None,
+                  report_root: str | Path = REPORT_ROOT, fault: Optional[FaultInjection] = None,
                   log: Callable[[str], None] = print) -> BenchmarkResult:
     from attmask.data.prepare import prepare_data
     from pipelines.ray_session import ray_session
@@ -336,7 +337,7 @@ def _reuse_record(out: Path, record: RunRecord) -> bool:
 
 
 def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
-                report_root: str | Path = "reports") -> Report:
+                report_root: str | Path = REPORT_ROOT) -> Report:
     first = next(iter(spec.configs.values()))
     devices = sorted({r.device for r in runs if r.device}) or ["?"]
     # A resumed benchmark's own wall time leaves out the runs it reused: state both.
