@@ -47,7 +47,7 @@ from pipelines.report import (
     metric_values,
     takeaways,
 )
-from pipelines.tracking import RUN_NAME_TAG, Tracker
+from pipelines.tracking import RUN_NAME_TAG, Tracker, git_commit
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
@@ -211,12 +211,13 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     from pipelines.ray_session import ray_session
 
     start = time.perf_counter()
+    report_dir = Path(report_root) / spec.name
+    commit = git_commit(ignore=report_dir)  # the code these runs run, before any report is written
     if (prepare := spec.prepare_args()) is not None:
         _, written = prepare_data(prepare)
         log(f"data: {'prepared' if written else 'reused'} {prepare.out}")
     first = next(iter(spec.configs.values()))
     tracker = Tracker.connect(first)
-    report_dir = Path(report_root) / spec.name
     runs: list[RunRecord] = []
     workers = math.ceil(first.ray.num_workers * first.ray.cpus_per_worker)
     with ray_session(address, num_cpus=workers):
@@ -226,9 +227,10 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
             runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
                                  log))
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
-                make_report(spec, runs, time.perf_counter() - start, report_root).write(report_dir)
+                make_report(spec, runs, time.perf_counter() - start, report_root,
+                            commit).write(report_dir)
     wall = time.perf_counter() - start
-    report = make_report(spec, runs, wall, report_root)
+    report = make_report(spec, runs, wall, report_root, commit)
     md, page = report.write(report_dir)
     _log_report(tracker, parent, report_dir, runs)
     log(f"report: {md} and {page} ({wall:.0f}s)")
@@ -337,7 +339,7 @@ def _reuse_record(out: Path, record: RunRecord) -> bool:
 
 
 def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
-                report_root: str | Path = REPORT_ROOT) -> Report:
+                report_root: str | Path = REPORT_ROOT, commit: str = "unknown") -> Report:
     first = next(iter(spec.configs.values()))
     devices = sorted({r.device for r in runs if r.device}) or ["?"]
     # A resumed benchmark's own wall time leaves out the runs it reused: state both.
@@ -345,7 +347,7 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
     intro = [
         f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
         f"{platform.machine()} with {os.cpu_count()} CPU cores (runs on: {', '.join(devices)}); "
-        f"{versions()}; commit {git_commit()}. Wall time: {machine_s:.0f} s for the "
+        f"{versions()}; commit {commit}. Wall time: {machine_s:.0f} s for the "
         f"{len(runs)} runs, {wall_s:.0f} s in this invocation.",
         f"Reproduce: {spec.command(report_root)}",
         f"{len(runs)} runs: strategies {', '.join(spec.strategies)} x seeds {spec.seeds}; model "
@@ -377,20 +379,6 @@ def versions() -> str:
 
     return ", ".join(f"{name} {version(name)}" for name in ("torch", "timm", "ray", "mlflow"))
 
-
-def git_commit() -> str:
-    """The checkout's commit (with ``+changes`` when the tree differs from it), or ``unknown``."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
-                              capture_output=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, text=True, capture_output=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+changes" if dirty.strip() else "")
 
 
 def _log_report(tracker: Tracker, parent: str, report_dir: Path, runs: list[RunRecord]) -> None:

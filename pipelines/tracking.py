@@ -112,12 +112,23 @@ def check_credentials(uri: str, timeout_s: float) -> None:
         # 404 (no such experiment) and the like: the server answered, with our credentials
 
 
-def git_commit() -> str:
+def git_commit(ignore: Optional[Path] = None, root: Optional[Path] = None) -> str:
+    """The commit of the checkout at ``root`` (this code's by default), with ``+changes`` when a
+    tracked file differs from it, or ``unknown`` outside a checkout. Changes under ``ignore`` do
+    not count: a benchmark rewrites its own report folder, which may be committed
+    (docs/results/), as it goes."""
+    root = Path(root or Path(__file__).parent.parent).resolve()
+    status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    if ignore is not None and Path(ignore).resolve().is_relative_to(root):
+        status += ["--", ":/", f":(exclude){Path(ignore).resolve()}"]  # the whole checkout
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(status, cwd=root, text=True, capture_output=True, timeout=10,
+                               check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return head + ("+changes" if dirty.strip() else "")
 
 
 def run_tags(cfg: Config, run_name: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import tiny_yaml
 from pipelines.benchmark import load_benchmark, run_benchmark
+from pipelines.tracking import git_commit
 from run_pipeline import main
 
 pytestmark = pytest.mark.ray
@@ -133,8 +134,10 @@ def test_rerun_reuses_finished_runs(bench_run):
     assert all(r.skipped for r in again.runs) and again.wall_s < first.wall_s
     assert [r.results["knn"] for r in again.runs] == [r.results["knn"] for r in first.runs]
     assert again.parent_run_id == first.parent_run_id
-    # the report says how to continue into the same folder, and what the reused runs cost
+    # the report says how to continue into the same folder, which code ran, and what the
+    # reused runs cost
     md = again.report_md.read_text()
+    assert f"; commit {git_commit()}. " in md
     assert f"Reproduce: python run_pipeline.py benchmark --preset bench --reports {tmp / 'reports'}\n" \
         in md
     machine = sum(r.wall_s for r in again.runs)

@@ -1,11 +1,12 @@
 """The MLflow edge on a real SQLite store: the background logger and safe search filters."""
+import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from attmask.errors import UserError
-from pipelines.tracking import AsyncRunLogger, tag_filter
+from pipelines.tracking import AsyncRunLogger, git_commit, tag_filter
 
 
 def test_async_logger_flush_makes_everything_queued_visible(tmp_path):
@@ -19,6 +20,32 @@ def test_async_logger_flush_makes_everything_queued_visible(tmp_path):
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == list(range(1, 51))
     assert logger.close() == {"errors": 0, "dropped": 0, "last_error": "", "flushed": True}
+
+
+def test_the_commit_is_marked_changed_by_code_edits_but_not_by_the_report_folder(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    report = tmp_path / "docs" / "results" / "bench"
+    report.mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (report / "report.md").write_text("two runs\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    head = git("rev-parse", "--short=12", "HEAD").strip()
+    assert git_commit(root=tmp_path) == head
+    (report / "report.md").write_text("three runs\n")  # the benchmark rewrote its report
+    assert git_commit(ignore=report, root=tmp_path) == head
+    assert git_commit(root=tmp_path) == head + "+changes"
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(ignore=report, root=tmp_path) == head + "+changes"
+    assert git_commit(ignore=tmp_path.parent / "elsewhere", root=tmp_path) == head + "+changes"
+    # from any folder of the checkout, the whole checkout counts
+    assert git_commit(ignore=report, root=tmp_path / "docs") == head + "+changes"
+    (tmp_path.parent / "not-a-checkout").mkdir(exist_ok=True)
+    assert git_commit(root=tmp_path.parent / "not-a-checkout") == "unknown"
 
 
 def test_search_filters_are_built_from_checked_values_only():
