@@ -210,8 +210,10 @@ def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     verdicts = []
     for s in strategies:
         d = rows.paired(s, "random", KNN_TOP1) if s != "random" and "random" in strategies else None
-        if d is not None:
-            verdicts.append(f"{s} {100 * d.mean:+.1f} ({d.verdict})")
+        if d is not None:  # with its interval and seed count: the lead is what gets quoted
+            interval = "" if d.low is None else \
+                f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}] over {d.n} seeds"
+            verdicts.append(f"{s} {100 * d.mean:+.1f}{interval} ({d.verdict})")
     if verdicts:
         lines.append(f"Against random masking, k-NN top-1 paired over seeds: {'; '.join(verdicts)}.")
     if "attmask_high" in strategies:

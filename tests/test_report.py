@@ -71,7 +71,9 @@ def test_takeaways_lead_with_gain_verdict_and_object_masking():
     assert "random +10.0 [+10.0, +10.0] above init" in lines[0]
     half = 4.302653 / math.sqrt(3)
     assert f"attmask_high +12.0 [{12 - half:+.1f}, {12 + half:+.1f}] above init" in lines[0]
-    assert "attmask_high +2.0 (not distinguishable at this budget)" in lines[1]
+    # paired: differences 1, 2, 3 points -> mean 2, std 1, the same t interval
+    assert (f"attmask_high +2.0 [{2 - half:+.1f}, {2 + half:+.1f}] over 3 seeds "
+            "(not distinguishable at this budget)") in lines[1]
     assert "60.0 ± 0.0 % of its masked patches lie on the object" in lines[2]
     assert "object share of 30.0 ± 0.0 %" in lines[2]
 
@@ -87,6 +89,9 @@ def test_one_seed_gain_is_judged_against_the_test_images():
     # results written before the test count was recorded: gains without a verdict
     old = [record("random", 0, 0.31, 0.5)]
     assert "random +1.0 (" in takeaways(Rows.of(old, ["random"]), ["random"])[0]
+    # one seed: the paired difference without an interval, and says why
+    assert "attmask_high +9.0 (one seed: no interval)" in \
+        takeaways(Rows.of(runs, STRATEGIES), STRATEGIES)[1]
 
 
 def test_one_seed_and_missing_reference():
