@@ -253,7 +253,11 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
         log(f"{record.run_name}: pretraining")
         trained = run_pretrain(cfg, parent_run_id=parent, fault=fault, log=log)
         record.mlflow_run_id, record.model_version = trained.mlflow_run_id, trained.model_version
-        record.images_per_s = float(trained.metrics.get("images_per_s", 0.0))
+        # the trainer's clock survives resumes; its last images/s covers only the last session
+        record.train_s = float(trained.metrics.get("train_s", 0.0))
+        images = trained.steps * cfg.train.batch_size_per_worker * cfg.ray.num_workers
+        record.images_per_s = images / record.train_s if record.train_s else \
+            float(trained.metrics.get("images_per_s", 0.0))
         record.device = trained.device
         log(f"{record.run_name}: evaluating")
         record.results = run_evaluate(cfg, data=spec.data_dir, mlflow_run=trained.mlflow_run_id,
@@ -298,6 +302,7 @@ def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
         if (overlay := tracker.fetch(run_id, "eval/attention_overlay.png", d)) is not None:
             record.overlay_png = overlay.read_bytes()
     record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
+    record.train_s = float(run.data.metrics.get("train_s", 0))  # the last step's clock
     record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
     record.device = run.data.tags.get("cost.device", "")
     record.model_version = run.data.tags.get("model_version", "")
@@ -329,6 +334,7 @@ def _reuse_record(out: Path, record: RunRecord) -> bool:
     record.mlflow_run_id = saved.get("mlflow_run_id")  # in the store the run was tracked in
     record.knn_history = [tuple(point) for point in saved.get("knn_history", [])]
     record.wall_s = float(saved.get("wall_s", 0))
+    record.train_s = float(saved.get("train_s", 0))
     record.images_per_s = float(saved.get("images_per_s", 0))
     record.device = saved.get("device", "")
     record.model_version = saved.get("model_version", "")
@@ -343,12 +349,13 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
     first = next(iter(spec.configs.values()))
     devices = sorted({r.device for r in runs if r.device}) or ["?"]
     # A resumed benchmark's own wall time leaves out the runs it reused: state both.
-    machine_s = sum(r.wall_s for r in runs)
+    machine_s = sum(r.machine_s for r in runs)
     intro = [
         f"{spec.description}. Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
         f"{platform.machine()} with {os.cpu_count()} CPU cores (runs on: {', '.join(devices)}); "
-        f"{versions()}; commit {commit}. Wall time: {machine_s:.0f} s for the "
-        f"{len(runs)} runs, {wall_s:.0f} s in this invocation.",
+        f"{versions()}; commit {commit}. Machine time: {machine_s:.0f} s of pretraining and "
+        f"evaluation for the {len(runs)} runs (over all their sessions), {wall_s:.0f} s in "
+        "this invocation.",
         f"Reproduce: {spec.command(report_root)}",
         f"{len(runs)} runs: strategies {', '.join(spec.strategies)} x seeds {spec.seeds}; model "
         f"{first.model.arch} depth {first.model.dims[1]} at {first.model.image_size} px, "

@@ -120,6 +120,10 @@ def test_parent_run_compares_strategies_and_the_experiment_opens_on_runs(bench_r
     cfg = next(iter(spec.configs.values()))
     client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg, storage_path(cfg)))
     parent = client.get_run(result.parent_run_id)
+    for r in result.runs:  # the cost is the trainer's clock, which a resumed run carries on
+        clock = client.get_metric_history(r.mlflow_run_id, "train_s")
+        assert r.train_s == pytest.approx(max(m.value for m in clock)) and r.train_s > 0
+        assert r.images_per_s == pytest.approx(4 * cfg.train.batch_size_per_worker / r.train_s)
     for r in result.runs:
         assert parent.data.metrics[f"knn_top1/{r.strategy}"] == pytest.approx(
             r.results["knn"]["k20"]["top1"])  # one seed: the mean is the run's value
@@ -140,10 +144,11 @@ def test_rerun_reuses_finished_runs(bench_run):
     assert f"; commit {git_commit()}. " in md
     assert f"Reproduce: python run_pipeline.py benchmark --preset bench --reports {tmp / 'reports'}\n" \
         in md
-    machine = sum(r.wall_s for r in again.runs)
+    assert [r.train_s for r in again.runs] == [r.train_s for r in first.runs]
+    machine = sum(r.machine_s for r in again.runs)
     assert machine > again.wall_s
-    assert f"Wall time: {machine:.0f} s for the 2 runs, {again.wall_s:.0f} s in this invocation" \
-        in md
+    assert (f"Machine time: {machine:.0f} s of pretraining and evaluation for the 2 runs (over "
+            f"all their sessions), {again.wall_s:.0f} s in this invocation") in md
 
 
 def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
@@ -167,6 +172,7 @@ def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
         assert [r.results for r in again.runs] == [r.results for r in first.runs]
         assert [r.knn_history for r in again.runs] == [r.knn_history for r in first.runs]
         assert [r.model_version for r in again.runs] == [r.model_version for r in first.runs]
+        assert [r.train_s for r in again.runs] == [r.train_s for r in first.runs]
         assert again.report_md.read_text().count("reused (finished earlier)") == len(STRATEGIES)
         # a record of another configuration (another run name) is not reused: the run is redone
         record = tmp / "committed" / "bench" / "runs" / "random-s0" / "record.json"

@@ -101,3 +101,15 @@ def test_one_seed_and_missing_reference():
     assert paired_table(Rows.of(runs, ["attmask_high"]), ["attmask_high"]) is None
     with pytest.raises(StopIteration):
         next(row for row in table.rows if row[1] == "BG-gap")  # no robustness results
+
+
+def test_a_resumed_run_costs_all_its_sessions_and_an_old_record_its_wall_time():
+    resumed = record("random", 0, 0.4, 0.5)
+    resumed.results["wall_s"] = 200.0  # evaluation
+    resumed.wall_s, resumed.train_s = 1300.0, 3000.0  # the last session ran 1,100 s of 3,000
+    old = record("attmask_high", 0, 0.4, 0.5)  # from before the trainer's clock was recorded
+    old.results["wall_s"], old.wall_s = 200.0, 3500.0
+    assert resumed.machine_s == 3200.0 and old.machine_s == 3500.0
+    cost = next(t for t in build_tables([resumed, old], STRATEGIES) if t.title == "Cost per run")
+    assert cost.columns[1:3] == ["pretraining (s)", "evaluation (s)"]
+    assert cost.rows[0][1:3] == ["3000", "200"] and cost.rows[1][1:3] == ["—", "200"]
