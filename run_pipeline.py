@@ -34,6 +34,20 @@ def count(low: int):
     return parse
 
 
+def seed_list(text: str) -> list[int]:
+    """An argparse type: ``--seeds 0-12`` or ``--seeds 0,1,5`` (each seed once)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            seeds += range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seeds as 0-12 or 0,1,5") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one seed, each once")
+    return seeds
+
+
 def fault(text: str):
     """An argparse type: ``--inject-fault STEP[:KIND[:RANK]]`` (reliability tests)."""
     from attmask.errors import UserError
@@ -142,7 +156,8 @@ def cmd_benchmark(args) -> int:
     from pipelines.benchmark import REPORT_ROOT, load_benchmark, plan, run_benchmark
 
     report_root = args.reports or REPORT_ROOT
-    spec = load_benchmark(args.preset, args.overrides)
+    strategies = args.strategies.split(",") if args.strategies else None
+    spec = load_benchmark(args.preset, args.overrides, seeds=args.seeds, strategies=strategies)
     print(plan(spec, report_root))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")
@@ -315,6 +330,10 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every run")
     p.add_argument("--address", help="attach to a running cluster")
     p.add_argument("--reports", help="report root (default: reports/, one folder per benchmark)")
+    p.add_argument("--seeds", type=seed_list, metavar="0-12|0,1,5",
+                   help="seeds instead of the preset's (finished runs are kept)")
+    p.add_argument("--strategies", metavar="random,attmask_high",
+                   help="strategies instead of the preset's (finished runs are kept)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     add_fault_arg(p)
     p.set_defaults(func=cmd_benchmark)

@@ -74,12 +74,13 @@ class BenchmarkSpec:
     configs: dict[tuple[str, int], Config] = field(default_factory=dict)
     digest: str = ""
     cli_overrides: list[str] = field(default_factory=list)
+    cli_flags: list[str] = field(default_factory=list)  # --seeds / --strategies, as given
 
     def command(self, report_root: str | Path = REPORT_ROOT) -> str:
         """The command line that reruns (or continues) this benchmark into the same folder."""
         reports = [] if Path(report_root) == REPORT_ROOT else ["--reports", str(report_root)]
         return " ".join(["python run_pipeline.py benchmark --preset", self.name, *reports,
-                         *self.cli_overrides])
+                         *self.cli_flags, *self.cli_overrides])
 
     @property
     def bench_name(self) -> str:
@@ -114,9 +115,12 @@ class BenchmarkSpec:
         return options
 
 
-def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> BenchmarkSpec:
+def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
+                   seeds: Optional[list[int]] = None,
+                   strategies: Optional[list[str]] = None) -> BenchmarkSpec:
     """Read ``configs/benchmark/PRESET.yaml`` (or a path to such a file) and resolve + validate
-    every run's config."""
+    every run's config. ``seeds`` and ``strategies`` replace the preset's lists (``--seeds``,
+    ``--strategies``): runs already finished under the same preset are kept."""
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else BENCH_DIR / f"{preset}.yaml"
     preset = path.stem
     if not path.is_file():
@@ -135,25 +139,29 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
         data = {"path": str(cli["data.path"])}
     if not data.get("path") and not (data.get("source") and data.get("out")):
         raise ConfigError(f"{path}: data needs either path (existing shards) or source and out")
-    strategies = raw.get("strategies") or list(masking.available())
+    flags = [*(["--seeds", ",".join(map(str, seeds))] if seeds else []),
+             *(["--strategies", ",".join(strategies)] if strategies else [])]
+    where = "--strategies" if strategies else f"{path}: strategies"
+    strategies = strategies or raw.get("strategies") or list(masking.available())
     for s in strategies:
         if s not in masking.available():
-            raise ConfigError(f"{path}: strategies: unknown {s!r}; available: "
+            raise ConfigError(f"{where}: unknown {s!r}; available: "
                               f"{', '.join(masking.available())}")
-    seeds = raw.get("seeds") or [0]
+    seeds = seeds or raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be integers, got {seeds}")
-    swept = {"masking.strategy": "strategies", "train.seed": "seeds",
+    swept = {"masking.strategy": f"--strategies or strategies in {path}",
+             "train.seed": f"--seeds or seeds in {path}",
              "train.run_name": "the benchmark's own run names"}
     for key in [parse_override(o)[0] for o in cli_overrides or []] + list(raw.get("overrides") or {}):
         if key in swept:
             raise ConfigError(f"override {key}: the benchmark sets it per run (use {swept[key]} "
-                              f"in {path} instead)")
+                              "instead)")
     model_preset = raw.get("preset", "tiny-cpu")
     spec = BenchmarkSpec(preset, raw.get("description", preset), bool(raw.get("smoke", False)),
                          data, model_preset, dict(raw.get("overrides") or {}),
                          strategies, seeds, dict(raw.get("evaluation") or {}),
-                         cli_overrides=list(cli_overrides or []))
+                         cli_overrides=list(cli_overrides or []), cli_flags=flags)
     # Everything a real run would reject later, rejected now (dry run or not).
     for where, check in (("data", spec.prepare_args), ("evaluation", spec.eval_options)):
         try:
@@ -167,8 +175,11 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None) -> Be
         for strategy in strategies:
             spec.configs[(strategy, seed)] = load_config(path=source, overrides={
                 **base, "masking.strategy": strategy, "train.seed": seed, **cli})
-    resolved = {"data": data, "evaluation": spec.evaluation,
-                "configs": {f"{s}-{seed}": c.to_dict() for (s, seed), c in spec.configs.items()}}
+    # The digest covers what every run shares, not the lists of strategies and seeds: a
+    # benchmark given more seeds or strategies keeps the runs it has finished.
+    shared = next(iter(spec.configs.values())).to_dict()
+    del shared["masking"]["strategy"], shared["train"]["seed"]
+    resolved = {"data": data, "evaluation": spec.evaluation, "config": shared}
     spec.digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str)
                                  .encode()).hexdigest()[:8]
     for (strategy, seed), cfg in spec.configs.items():

@@ -550,6 +550,11 @@ CASES = [
     (["benchmark", "--dry-run", "train.seed=3"], ["train.seed"]),
     (["benchmark", "--dry-run", "train.run_name=x"], ["train.run_name"]),
     (["benchmark", "--dry-run", "train.epochs=0"], ["train.epochs"]),
+    (["benchmark", "--dry-run", "--seeds", "3-1"], ["--seeds", "3-1"]),
+    (["benchmark", "--dry-run", "--seeds", "0,1,0"], ["--seeds", "each once"]),
+    (["benchmark", "--dry-run", "--seeds", "zero"], ["--seeds", "0-12"]),
+    (["benchmark", "--dry-run", "--strategies", "random,attmask_mid"],
+     ["--strategies", "attmask_mid", "attmask_high"]),
     # -- tracking URIs ----------------------------------------------------------------------------
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=./mlruns"], ["file store"]),
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=ftp://host/x"], ["tracking.uri"]),

@@ -190,6 +190,38 @@ def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
             client.delete_run(run_id)
 
 
+def test_more_seeds_train_only_the_new_runs_and_the_report_says_how(bench_run):
+    """The question a 3-seed interval leaves open is answered by more seeds: the same benchmark
+    with ``--seeds`` (or ``--strategies``) keeps what it finished."""
+    tmp, spec, first = bench_run
+    shutil.copytree(tmp / "reports", tmp / "extended")
+    more = run_benchmark(load_benchmark(str(tmp / "bench.yaml"), seeds=[0, 1],
+                                        strategies=["random"]),
+                         report_root=tmp / "extended", log=lambda s: None)
+    assert not more.failed
+    assert [(r.strategy, r.seed, r.skipped) for r in more.runs] == [("random", 0, True),
+                                                                    ("random", 1, False)]
+    assert more.runs[0].results["knn"] == first.runs[0].results["knn"]
+    assert more.runs[1].run_name == spec.run_name("random", 1)  # the name it always had
+    assert (f"Reproduce: python run_pipeline.py benchmark --preset bench --reports "
+            f"{tmp / 'extended'} --seeds 0,1 --strategies random\n") in more.report_md.read_text()
+
+
+def test_the_run_names_depend_on_the_shared_settings_not_on_the_lists(tmp_path):
+    path = str(write_bench(tmp_path))
+    base = load_benchmark(path)
+    more = load_benchmark(path, seeds=[3, 0], strategies=["attmask_hint", "random"])
+    assert set(more.configs) == {(s, seed) for s in ("attmask_hint", "random") for seed in (3, 0)}
+    assert more.configs[("random", 3)].train.seed == 3
+    assert more.run_name("random", 0) == base.run_name("random", 0)
+    assert more.command() == ("python run_pipeline.py benchmark --preset bench --seeds 3,0 "
+                              "--strategies attmask_hint,random")
+    for changed in (load_benchmark(path, ["train.epochs=3"]),
+                    load_benchmark(write_bench(tmp_path, seeds=[0], evaluation={"suite": ["knn"]})
+                                   .as_posix())):
+        assert changed.digest != base.digest
+
+
 def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
     path = write_bench(tmp_path, strategies=["random"])
     code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "reports"),
