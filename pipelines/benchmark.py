@@ -2,8 +2,9 @@
 aggregate -> report, in one Ray session, tracked as an MLflow parent run with one child run per
 (strategy, seed).
 
-Run names derive from a hash of the resolved configuration, so running the same benchmark again
-reuses every run that already finished and redoes only the rest. A finished run is found in
+Run names derive from a hash of what the runs share (data, evaluation, the resolved configuration
+but its strategy and seed), so running the same benchmark again, or with more seeds or
+strategies, reuses every run that already finished and does only the rest. A finished run is found in
 MLflow or, where that store is gone (another machine, a fresh clone), in the ``record.json`` it
 left in the report folder, so a report folder that is copied or committed carries its finished
 runs with it. A failed run is shown in the report and makes the command exit non-zero.
@@ -147,9 +148,11 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
         if s not in masking.available():
             raise ConfigError(f"{where}: unknown {s!r}; available: "
                               f"{', '.join(masking.available())}")
+    if len(set(strategies)) < len(strategies):
+        raise ConfigError(f"{where}: each strategy once, got {', '.join(strategies)}")
     seeds = seeds or raw.get("seeds") or [0]
-    if not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{path}: seeds must be integers, got {seeds}")
+    if not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{path}: seeds must be distinct integers, got {seeds}")
     swept = {"masking.strategy": f"--strategies or strategies in {path}",
              "train.seed": f"--seeds or seeds in {path}",
              "train.run_name": "the benchmark's own run names"}

@@ -231,6 +231,7 @@ def world(tmp_path_factory, synthetic_dir, tiny_checkpoint):
         "b_datakey": benchmark("datakey", data={"path": str(synthetic_dir), "bogus": 1}),
         "b_strategy": benchmark("strategy", strategies=["random", "attmask_mid"]),
         "b_seeds": benchmark("seeds", seeds=["zero"]),
+        "b_seeds_twice": benchmark("seeds_twice", seeds=[0, 1, 0]),
         "b_suite": benchmark("suite", evaluation={"suite": ["knn", "segmentation"]}),
         "b_probe": benchmark("probe", evaluation={"probe_epochs": -3}),
         "b_maxtrain": benchmark("maxtrain", evaluation={"max_train": 0}),
@@ -539,6 +540,7 @@ CASES = [
     (["benchmark", "--preset", "{b_datakey}", "--dry-run"], ["data.bogus"]),
     (["benchmark", "--preset", "{b_strategy}", "--dry-run"], ["attmask_mid"]),
     (["benchmark", "--preset", "{b_seeds}", "--dry-run"], ["seeds"]),
+    (["benchmark", "--preset", "{b_seeds_twice}", "--dry-run"], ["seeds", "distinct"]),
     (["benchmark", "--preset", "{b_suite}", "--dry-run"], ["segmentation"]),
     (["benchmark", "--preset", "{b_probe}", "--dry-run"], ["probe_epochs"]),
     (["benchmark", "--preset", "{b_maxtrain}", "--dry-run"], ["max_train"]),
@@ -555,6 +557,7 @@ CASES = [
     (["benchmark", "--dry-run", "--seeds", "zero"], ["--seeds", "0-12"]),
     (["benchmark", "--dry-run", "--strategies", "random,attmask_mid"],
      ["--strategies", "attmask_mid", "attmask_high"]),
+    (["benchmark", "--dry-run", "--strategies", "random,random"], ["--strategies", "once"]),
     # -- tracking URIs ----------------------------------------------------------------------------
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=./mlruns"], ["file store"]),
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=ftp://host/x"], ["tracking.uri"]),
