@@ -21,6 +21,7 @@ import yaml
 from attmask.config import Config, from_dict
 from attmask.errors import UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
+from attmask.eval.results import FORMAT as RESULTS_FORMAT
 from attmask.eval.results import lookup, metric_paths
 from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
 from pipelines import tracking
@@ -110,8 +111,16 @@ def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], Non
     for p in parts:
         results[p["part"]] = p["result"]
         pictures.update(p["pictures"])
-        log(f"{label}{p['part']}: {json.dumps(p['result'])[:300]} ({p['seconds']:.1f}s)")
+        log(f"{label}{p['part']}: {json.dumps(_scores(p['result']))[:300]} "
+            f"({p['seconds']:.1f}s)")
     return results, pictures
+
+
+def _scores(result: object) -> object:
+    """A part's result without its per-image hits, for the log."""
+    if isinstance(result, dict):
+        return {k: _scores(v) for k, v in result.items() if k not in ("hits", "images")}
+    return result
 
 
 def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, cache: Path,
@@ -122,7 +131,7 @@ def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, 
                                    options=EvalOptions(**args["options"]),
                                    robustness_set=args["robustness_set"])
     key = json.dumps([probe.model_id, manifest_id(probe.dataset), args["options"], suite,
-                      args["robustness_set"]], sort_keys=True)
+                      args["robustness_set"], RESULTS_FORMAT], sort_keys=True)
     path = cache / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         log(f"baseline {kind}: reusing {path}")

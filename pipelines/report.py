@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from attmask.eval.results import (
     BG_GAP,
+    HITS_K,
     KNN_N,
     KNN_TOP1,
     KNN_TOP5,
     LINEAR_TOP1,
     LINEAR_VAL_TOP1,
+    decode_hits,
     lookup,
 )
 from attmask.eval.stats import (
     PairedDifference,
+    images_for_half_width,
     paired_difference,
+    paired_hits,
     proportion_difference,
     seeds_for_half_width,
+    split_spread,
+    t_quantile,
 )
 
 FEWSHOT = ["1", "5", "10", "20"]
@@ -85,6 +94,21 @@ def metric_values(runs: list[RunRecord], path: tuple[str, ...]) -> list[float]:
     return [v for r in runs if (v := lookup(r.results, path)) is not None]
 
 
+def knn_hits(results: dict) -> Optional[tuple[np.ndarray, str]]:
+    """Per-image k-NN top-1 hits and the digest of their test images, where recorded."""
+    entry = results.get("knn", {}).get(f"k{HITS_K}")
+    return decode_hits(entry) if isinstance(entry, dict) else None
+
+
+def hits_difference(arm: dict, reference: dict) -> Optional[tuple[PairedDifference, float]]:
+    """k-NN top-1 of ``arm`` minus ``reference`` image by image, and the share of images one
+    gets right and the other wrong; None unless both have hits on the same test images."""
+    a, b = knn_hits(arm), knn_hits(reference)
+    if a is None or b is None or a[1] != b[1]:
+        return None
+    return paired_hits(a[0], b[0]), float((a[0] != b[0]).mean())
+
+
 PAIRED_METRICS = [("k-NN top-1", KNN_TOP1), ("linear top-1", LINEAR_TOP1), ("BG-gap", BG_GAP)]
 GAIN_WORDS = {"better": "above init", "worse": "below init",
               "not distinguishable at this budget": "not distinguishable from init"}
@@ -127,15 +151,19 @@ class Rows:
 
     def gain_interval(self, strategy: str) -> Optional[PairedDifference]:
         """k-NN top-1 gain over init with its 95 % interval: over seeds where there are two or
-        more, else from the test images' sampling error (one run against its own init)."""
-        pairs = [(v, i, lookup(r.results, KNN_N)) for r in self.strategies[strategy]
+        more, else from the test images' sampling error (one run against its own init, image by
+        image where both kept their hits)."""
+        pairs = [(r, v, i) for r in self.strategies[strategy]
                  if (v := lookup(r.results, KNN_TOP1)) is not None
                  and (i := lookup(self.init_by_seed.get(r.seed, {}), KNN_TOP1)) is not None]
         if len(pairs) >= 2:
-            return paired_difference([v for v, _, _ in pairs], [i for _, i, _ in pairs])
-        if len(pairs) == 1 and pairs[0][2]:
-            value, init, n = pairs[0]
-            return proportion_difference(value, init, int(n))
+            return paired_difference([v for _, v, _ in pairs], [i for _, _, i in pairs])
+        if len(pairs) == 1:
+            run, value, init = pairs[0]
+            if (by_image := hits_difference(run.results, self.init_by_seed[run.seed])):
+                return by_image[0]
+            n = lookup(run.results, KNN_N)
+            return proportion_difference(value, init, int(n)) if n else None
         return None
 
     def paired(self, strategy: str, reference: str, path: tuple[str, ...]
@@ -148,6 +176,17 @@ class Rows:
         if not seeds:
             return None
         return paired_difference([arm[s] for s in seeds], [ref[s] for s in seeds])
+
+    def per_seed(self, strategy: str, reference: str
+                 ) -> list[tuple[int, PairedDifference, float]]:
+        """(seed, k-NN top-1 difference on that seed's test images, share of images one arm
+        gets right and the other wrong) for every seed where both arms kept per-image hits."""
+        ref = {r.seed: r.results for r in self.strategies[reference]}
+        out = []
+        for r in sorted(self.strategies[strategy], key=lambda r: r.seed):
+            if r.seed in ref and (d := hits_difference(r.results, ref[r.seed])) is not None:
+                out.append((r.seed, *d))
+        return out
 
 
 def _metric_rows(rows: Rows, strategies: list[str], paths: list[tuple[str, ...]],
@@ -198,6 +237,47 @@ def paired_table(rows: Rows, strategies: list[str], reference: str = "random") -
                        " points at the spread observed here.")
 
 
+def per_seed_table(rows: Rows, strategies: list[str], reference: str = "random"
+                   ) -> Optional[Table]:
+    """Each seed's k-NN difference measured image by image, and what that says about the spread
+    over seeds: how much of it the test images explain, and how many images would reach the
+    resolution goal with the seeds there are."""
+    if reference not in strategies:
+        return None
+    body, notes = [], []
+    for s in strategies:
+        if s == reference:
+            continue
+        per_seed = rows.per_seed(s, reference)
+        body += [[s, str(seed), f"{100 * d.mean:+.2f}",
+                  f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]", f"{100 * discordant:.1f}"]
+                 for seed, d, discordant in per_seed]
+        if len(per_seed) >= 2:
+            notes.append(_spread_note(s, [d for _, d, _ in per_seed],
+                                      int(lookup(rows.strategies[s][0].results, KNN_N) or 0)))
+    if not body:
+        return None
+    return Table(f"Strategy vs {reference}, per seed: k-NN top-1 on the same test images (points)",
+                 ["strategy", "seed", "difference", "95 % interval from the test images",
+                  "right in one, wrong in the other (%)"], body,
+                 "Each row holds both trained networks of one seed fixed: its interval is the "
+                 "test images' sampling error alone (normal approximation on the per-image "
+                 "differences), not a verdict on the strategies. " + " ".join(notes))
+
+
+def _spread_note(strategy: str, per_seed: list[PairedDifference], images: int) -> str:
+    split, n = split_spread(per_seed), len(per_seed)
+    floor = t_quantile(0.95, n - 1) * split.training / math.sqrt(n)
+    needed = images_for_half_width(split, n, images, RESOLUTION) if images else None
+    more = (f"{needed:,} test images would bring it to ±{100 * RESOLUTION:.1f} with these seeds"
+            if needed is not None else f"no number of test images brings it to "
+            f"±{100 * RESOLUTION:.1f} with these seeds")
+    return (f"{strategy}: the {n} per-seed differences spread by {100 * split.total:.2f} points "
+            f"(std); the test images' sampling explains {100 * split.test_images:.2f} of it and "
+            f"how the training runs went {100 * split.training:.2f}, so with an unlimited test "
+            f"set the interval over these seeds would still be ±{100 * floor:.1f}; {more}.")
+
+
 def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     """What a reader should take away, in words, before the tables."""
     lines = []
@@ -246,6 +326,8 @@ def build_tables(runs: list[RunRecord], strategies: list[str]) -> list[Table]:
                     _metric_rows(rows, strategies, [KNN_TOP1, KNN_TOP5], KNN_TOP1))]
     if (paired := paired_table(rows, strategies)) is not None:
         tables.append(paired)
+    if (per_seed := per_seed_table(rows, strategies)) is not None:
+        tables.append(per_seed)
     tables += [
         Table("Linear probe (last 4 blocks, epoch chosen on a validation split), %",
               ["model", "test top-1", "val top-1", "gain over init (points)"],

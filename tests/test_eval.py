@@ -11,6 +11,7 @@ from attmask.eval.attention import attention_on_object, patch_foreground
 from attmask.eval.fewshot import disjoint_splits, fewshot_knn
 from attmask.eval.knn import knn_accuracy, knn_classify
 from attmask.eval.linear import carve_validation, train_probe
+from attmask.eval.results import decode_hits, encode_hits
 from attmask.eval.suite import EvalOptions, Evaluator, load_teacher
 from attmask.models import MaskedViT
 from conftest import tiny_config
@@ -36,6 +37,26 @@ def test_knn_separable_is_perfect_and_shuffled_is_chance():
     queries, truth = torch.randn(800, 16, generator=g), torch.randint(0, 4, (800,), generator=g)
     chance = knn_accuracy(bank, labels, queries, truth, 4, ks=(20,))["k20"]["top1"]
     assert 0.18 < chance < 0.32
+
+
+def test_knn_keeps_which_test_images_it_got_right():
+    g = torch.Generator().manual_seed(3)
+    bank, labels = torch.randn(800, 16, generator=g), torch.randint(0, 4, (800,), generator=g)
+    queries, truth = torch.randn(77, 16, generator=g), torch.randint(0, 4, (77,), generator=g)
+    keys = [f"img{i:03d}" for i in range(77)]
+    acc = knn_accuracy(bank, labels, queries, truth, 4, ks=(10, 20), test_keys=keys)
+    assert "hits" not in acc["k10"]  # only the headline k is kept
+    hits, digest = decode_hits(acc["k20"])
+    assert hits.dtype == bool and len(hits) == 77 and 0 < hits.sum() < 77
+    assert hits.mean() == pytest.approx(acc["k20"]["top1"])
+    scores = knn_classify(bank, labels, queries, 4, k=20)
+    assert np.array_equal(hits, (scores.argmax(1) == truth).numpy())
+    # the digest names the test images and their order: reordered keys do not pair
+    assert encode_hits(hits, keys)["images"] == digest
+    assert encode_hits(hits, keys[::-1])["images"] != digest
+    assert decode_hits(knn_accuracy(bank, labels, queries, truth, 4, ks=(20,))["k20"]) is None
+    with pytest.raises(ValueError, match="77 hits for 76 test images"):
+        encode_hits(hits, keys[:-1])
 
 
 def test_knn_chunking_and_k_capped_at_bank():
@@ -135,6 +156,8 @@ def test_suite_on_synthetic_with_all_variants(tiny_checkpoint, synthetic_dir, tm
                                                  - robustness["variants"]["mixed_rand"])
     knn = ev.knn()
     assert set(knn) == {"k10", "k20", "k100", "k200"}
+    hits, _ = decode_hits(knn["k20"])  # per test image, for comparing two models image by image
+    assert len(hits) == knn["k20"]["n"] and hits.mean() == pytest.approx(knn["k20"]["top1"])
     linear, cm = ev.linear()
     # the tiny model has 2 blocks: "last 4 blocks" are both of them, sliced per block
     assert cm.sum() == 32 and linear["n_last_blocks"] == 2

@@ -2,9 +2,19 @@
 table with known numbers, and the takeaways a reader sees first."""
 import math
 
+import numpy as np
 import pytest
 
-from pipelines.report import Rows, RunRecord, build_tables, paired_table, takeaways
+from attmask.eval.results import encode_hits
+from attmask.eval.stats import t_quantile
+from pipelines.report import (
+    Rows,
+    RunRecord,
+    build_tables,
+    paired_table,
+    per_seed_table,
+    takeaways,
+)
 
 STRATEGIES = ["random", "attmask_high"]
 
@@ -113,3 +123,63 @@ def test_a_resumed_run_costs_all_its_sessions_and_an_old_record_its_wall_time():
     cost = next(t for t in build_tables([resumed, old], STRATEGIES) if t.title == "Cost per run")
     assert cost.columns[1:3] == ["pretraining (s)", "evaluation (s)"]
     assert cost.rows[0][1:3] == ["3000", "200"] and cost.rows[1][1:3] == ["—", "200"]
+
+
+KEYS = [f"test{i:04d}" for i in range(1000)]
+
+
+def with_hits(run, right, keys=KEYS, init_right=None):
+    """``run`` with per-image k-NN hits: the first ``right`` of 1,000 test images correct."""
+    hits = np.arange(len(keys)) < right
+    run.results["knn"]["k20"].update(top1=right / len(keys), n=len(keys),
+                                     **encode_hits(hits, keys))
+    if init_right is not None:
+        init = run.results["baselines"]["init"]["knn"]["k20"]
+        init.update(top1=init_right / len(keys), n=len(keys),
+                    **encode_hits(np.arange(len(keys)) < init_right, keys))
+    return run
+
+
+def test_per_seed_differences_are_measured_image_by_image():
+    # seed 0: high right on 30 more images than random (+3 points), seed 1 on 10 fewer (-1)
+    runs = [with_hits(record(strategy, seed, 0, 0.5), right) for strategy, seed, right in
+            (("random", 0, 400), ("attmask_high", 0, 430), ("random", 1, 410),
+             ("attmask_high", 1, 400))]
+    table = per_seed_table(Rows.of(runs, STRATEGIES), STRATEGIES)
+    assert [row[:3] for row in table.rows] == [["attmask_high", "0", "+3.00"],
+                                               ["attmask_high", "1", "-1.00"]]
+    se0 = np.r_[np.ones(30), np.zeros(970)].std(ddof=1) / math.sqrt(1000)
+    half = 1.959964 * se0
+    assert table.rows[0][3] == f"[{100 * (0.03 - half):+.2f}, {100 * (0.03 + half):+.2f}]"
+    assert [row[4] for row in table.rows] == ["3.0", "1.0"]
+    # the note splits the spread: std of (+3, -1) is 2.83 points, the images explain ~0.45
+    se1 = np.r_[-np.ones(10), np.zeros(990)].std(ddof=1) / math.sqrt(1000)
+    test = math.sqrt((se0 ** 2 + se1 ** 2) / 2)
+    training = math.sqrt(0.02 ** 2 * 2 - test ** 2)
+    assert (f"the 2 per-seed differences spread by 2.83 points (std); the test images' sampling "
+            f"explains {100 * test:.2f} of it and how the training runs went {100 * training:.2f}"
+            ) in table.note
+    floor = t_quantile(0.95, 1) * training / math.sqrt(2)
+    assert f"interval over these seeds would still be ±{100 * floor:.1f}" in table.note
+    assert "no number of test images brings it to ±1.5 with these seeds" in table.note
+    # it comes right after the paired table in the report
+    titles = [t.title for t in build_tables(runs, STRATEGIES)]
+    assert titles[1].startswith("Strategy vs random, paired") and titles[2] == table.title
+
+
+def test_per_seed_rows_need_hits_on_the_same_test_images():
+    runs = [with_hits(record("random", 0, 0, 0.5), 400),
+            with_hits(record("attmask_high", 0, 0, 0.5), 430, keys=KEYS[::-1]),
+            with_hits(record("random", 1, 0, 0.5), 400), record("attmask_high", 1, 0.43, 0.5)]
+    assert per_seed_table(Rows.of(runs, STRATEGIES), STRATEGIES) is None
+    assert per_seed_table(Rows.of(runs_with([0.01, 0.02]), STRATEGIES), STRATEGIES) is None
+
+
+def test_one_seed_gain_over_init_is_measured_image_by_image_where_recorded():
+    # 1,000 images: the run is right on 340, its init on the first 300 of them: +4 points, and
+    # every image the init gets right the run gets right too, so the interval is narrow
+    run = with_hits(record("random", 0, 0, 0.5), 340, init_right=300)
+    line = takeaways(Rows.of([run], ["random"]), ["random"])[0]
+    se = np.r_[np.ones(40), np.zeros(960)].std(ddof=1) / math.sqrt(1000)
+    assert (f"random +4.0 [{100 * (0.04 - 1.959964 * se):+.1f}, "
+            f"{100 * (0.04 + 1.959964 * se):+.1f}] above init") in line

@@ -1,14 +1,19 @@
 """Paired statistics: known differences give the known interval and verdict."""
 import math
 
+import numpy as np
 import pytest
 
 from attmask.eval.stats import (
     NOT_DISTINGUISHABLE,
     ONE_SEED,
+    SpreadSplit,
+    images_for_half_width,
     paired_difference,
+    paired_hits,
     proportion_difference,
     seeds_for_half_width,
+    split_spread,
     t_quantile,
 )
 
@@ -69,3 +74,50 @@ def test_one_run_against_its_init_uses_the_test_images_sampling_error():
     assert proportion_difference(0.25, 0.30, 10_000).verdict == "worse"
     with pytest.raises(ValueError, match="n=0"):
         proportion_difference(0.5, 0.5, 0)
+
+
+def test_image_by_image_differences_give_the_known_interval():
+    # on 1,000 images the arm alone is right on 60, the reference alone on 20, both on 300
+    arm = np.zeros(1000, bool)
+    ref = np.zeros(1000, bool)
+    arm[:60] = True
+    ref[60:80] = True
+    arm[100:400] = ref[100:400] = True
+    d = paired_hits(arm, ref)
+    diffs = np.r_[np.ones(60), -np.ones(20), np.zeros(920)]
+    se = diffs.std(ddof=1) / math.sqrt(1000)
+    assert d.mean == pytest.approx(0.04) and d.se == pytest.approx(se)
+    assert d.high - d.mean == pytest.approx(1.959964 * se, abs=1e-6)
+    assert d.basis == "test images" and d.verdict == "better"
+    # the same accuracies as if measured on unrelated images: a wider interval
+    unpaired = proportion_difference(0.36, 0.32, 1000)
+    assert unpaired.high - unpaired.low > 2 * (d.high - d.low)
+    with pytest.raises(ValueError, match="differ in shape"):
+        paired_hits(arm, ref[:-1])
+
+
+def test_the_spread_over_seeds_splits_into_test_images_and_training():
+    per_seed = [paired_hits(*pair) for pair in (
+        (np.r_[np.ones(30), np.zeros(970)], np.zeros(1000)),   # +3.0 points
+        (np.r_[np.zeros(20), np.zeros(980)], np.r_[np.ones(10), np.zeros(990)]))]  # -1.0
+    split = split_spread(per_seed)
+    assert split.total == pytest.approx(np.std([0.03, -0.01], ddof=1))
+    assert split.test_images == pytest.approx(math.sqrt((per_seed[0].se ** 2
+                                                         + per_seed[1].se ** 2) / 2))
+    assert split.training == pytest.approx(math.sqrt(split.total ** 2 - split.test_images ** 2))
+    assert SpreadSplit(0.01, 0.02).training == 0.0  # the test images explain it all
+    with pytest.raises(ValueError, match="two or more"):
+        split_spread(per_seed[:1])
+
+
+def test_test_images_needed_with_the_seeds_fixed():
+    # no training spread: the 3-seed half-width is t(2) * test / sqrt(3) at 1,000 images, and
+    # shrinks as 1 / sqrt(images)
+    split = SpreadSplit(0.02, 0.02)
+    images = images_for_half_width(split, 3, 1000, 0.015)
+    half = lambda n: t_quantile(0.95, 2) * 0.02 * math.sqrt(1000 / n) / math.sqrt(3)  # noqa: E731
+    assert half(images) <= 0.015 < half(images - 1)
+    # a training spread whose own interval is wider than the goal: no test set is enough
+    assert images_for_half_width(SpreadSplit(0.03, 0.005), 3, 1000, 0.015) is None
+    with pytest.raises(ValueError, match="seeds=1"):
+        images_for_half_width(split, 1, 1000, 0.015)

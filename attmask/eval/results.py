@@ -6,15 +6,28 @@ scalar metric in it. The MLflow flattening (``pipelines/evaluate.py``) and the b
 """
 from __future__ import annotations
 
-from typing import Optional, TypedDict
+import base64
+import hashlib
+from typing import Optional, Sequence, TypedDict
+
+import numpy as np
 
 Path = tuple[str, ...]
+
+HITS_K = 20  # the k-NN whose per-image hits are kept: the headline k of KNN_TOP1
+# Raised when results gain a field, so that cached baseline results without it are recomputed
+# (2: per-image k-NN hits).
+FORMAT = 2
 
 
 class TopK(TypedDict, total=False):
     top1: float
     top5: float
     n: int  # test images (absent in results written before it was recorded)
+    # Per test image, whether top-1 is right (k = HITS_K only): two models evaluated on the
+    # same images (equal ``images`` digests) are then compared image by image.
+    hits: str  # np.packbits of the booleans, base64: 10,000 images take 1.7 kB
+    images: str  # digest of the test images' keys, in order
 
 
 class LinearResult(TypedDict):
@@ -81,6 +94,23 @@ LINEAR_TOP1: Path = ("linear", "top1")
 LINEAR_VAL_TOP1: Path = ("linear", "val_top1")
 BG_GAP: Path = ("robustness", "bg_gap")
 FINETUNE_TOP1: Path = ("finetune", "top1")
+
+
+def encode_hits(hits: np.ndarray, keys: Sequence[str]) -> dict[str, str]:
+    """``{"hits", "images"}`` of a :class:`TopK` for per-image booleans in the order of ``keys``."""
+    hits = np.asarray(hits, dtype=bool)
+    if len(hits) != len(keys):
+        raise ValueError(f"{len(hits)} hits for {len(keys)} test images")
+    return {"hits": base64.b64encode(np.packbits(hits).tobytes()).decode("ascii"),
+            "images": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]}
+
+
+def decode_hits(entry: TopK) -> Optional[tuple[np.ndarray, str]]:
+    """(per-image booleans, digest of the test images), or None for results without them."""
+    if "hits" not in entry or "images" not in entry or "n" not in entry:
+        return None
+    packed = np.frombuffer(base64.b64decode(entry["hits"]), dtype=np.uint8)
+    return np.unpackbits(packed, count=int(entry["n"])).astype(bool), entry["images"]
 
 
 def lookup(results: PartResults, path: Path) -> Optional[float]:

@@ -329,7 +329,7 @@ class Evaluator:
         b = self.options.knn_blocks
         tr, te = self.features("train", b), self.features("test", b)
         return knn_accuracy(tr.features, tr.labels, te.features, te.labels, self.num_classes,
-                            ks=self.options.knn_ks)
+                            ks=self.options.knn_ks, test_keys=te.keys)
 
     def linear(self) -> tuple[dict, torch.Tensor]:
         b = self.options.linear_blocks
