@@ -5,6 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from attmask.errors import UserError
+from attmask.eval.results import decode_hits
 from attmask.eval.suite import EvalOptions
 from conftest import tiny_config
 from pipelines.evaluate import flat_metrics, run_evaluate
@@ -28,8 +29,15 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
     assert set(on_disk) >= {"checkpoint", "data", "knn", "linear", "fewshot", "robustness",
                             "attention"}
     n_test = 32  # the synthetic test split
-    assert set(on_disk["knn"]["k20"]) == {"top1", "top5", "n"}
+    assert set(on_disk["knn"]["k20"]) == {"top1", "top5", "n", "hits", "images"}
     assert on_disk["knn"]["k20"]["n"] == n_test  # the count the report judges noise by
+    # which test images k-NN got right, on the same images as the init network's: the report
+    # compares the two image by image
+    hits, images = decode_hits(on_disk["knn"]["k20"])
+    init_hits, init_images = decode_hits(on_disk["baselines"]["init"]["knn"]["k20"])
+    assert len(hits) == n_test and hits.mean() == pytest.approx(on_disk["knn"]["k20"]["top1"])
+    assert images == init_images and len(init_hits) == n_test
+    assert not any(on_disk["knn"]["k20"]["hits"] in line for line in logged)  # not in the log
     assert set(on_disk["linear"]) >= {"top1", "val_top1", "epoch"}
     assert on_disk["fewshot"]["1"]["splits"] == 5
     assert "bg_gap" in on_disk["robustness"] and "mixed_rand" in on_disk["robustness"]["variants"]
