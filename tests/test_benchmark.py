@@ -103,6 +103,11 @@ def test_report_has_a_row_per_strategy_and_embedded_pngs_only(bench_run):
             assert rows[0].startswith("| init (untrained, same seed) |"), table
             assert rows[1].startswith("| pixels |"), table
     assert "## Strategy vs random, paired over seeds" in md and "one seed: no interval" in md
+    # ... and compares each strategy with random image by image on that seed's test images
+    per_seed = md.split("## Strategy vs random, per seed: k-NN top-1 on the same test images")[1]
+    rows = [line for line in per_seed.split("\n## ")[0].splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [[f"| {s}", "0"] for s in STRATEGIES
+                                                         if s != "random"]
     assert md.split("\n\n")[1].startswith("Learning: k-NN top-1 gain over the untrained network")
     runs = {r.strategy: r.results for r in result.runs}
     assert runs["random"]["baselines"] == runs["attmask_high"]["baselines"]  # once per seed
