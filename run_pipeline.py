@@ -264,11 +264,13 @@ def cmd_bench_data(args) -> int:
     from attmask.speed import bench_data
 
     tiny = load_config("tiny-cpu")
-    settings = {
-        "tiny-cpu": {"global_size": tiny.model.image_size, "local_size": tiny.model.local_image_size,
-                     "local_number": tiny.data.local_crops_number},
-        "224px-10local": {"global_size": 224, "local_size": 96, "local_number": 10},
-    }
+    crops = {"tiny-cpu": {"global_size": tiny.model.image_size,
+                          "local_size": tiny.model.local_image_size,
+                          "local_number": tiny.data.local_crops_number},
+             "224px-10local": {"global_size": 224, "local_size": 96, "local_number": 10}}
+    # each crop setting with its colour per crop (in the workers) and per batch (data.colour_on)
+    settings = {f"{name}/colour_on={on}": {**s, "colour_on": on}
+                for name, s in crops.items() for on in ("image", "batch")}
     result = bench_data(args.data, settings, args.workers, batches=args.batches,
                         batch_size=args.batch_size)
     if args.json:

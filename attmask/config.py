@@ -253,6 +253,11 @@ class DataConfig:
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
+    # Where that colour half of the augmentation runs: "image", torchvision per crop in the
+    # loader workers; "batch", the loader only crops and flips, and the training process
+    # applies the same distributions to the whole batch on its device (attmask/data/colour.py):
+    # a fraction of the CPU time at small crop sizes, where the per-crop calls dominate.
+    colour_on: Literal["image", "batch"] = "image"
     num_workers: int = 2
     shuffle_buffer: int = 1000
     verify_checksums: bool = True

@@ -212,7 +212,8 @@ def profile_step(step: Callable[[], object], device: torch.device, reps: int = 3
 
 def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches: int = 20,
                batch_size: int = 64, log: Callable[[str], None] = print) -> dict:
-    """Decode + multi-crop images/s of the training stream for each named crop setting."""
+    """Decode + multi-crop images/s of the training stream for each named crop setting
+    (with ``colour_on: batch``, the batch's colour step in this process included)."""
     from attmask.data.shards import load_dataset
     from attmask.data.stream import TrainStream, make_loader
     from attmask.data.transforms import MultiCropTransform
@@ -221,13 +222,14 @@ def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches:
     out = {"data": data_path, "workers": workers, "batch_size": batch_size, "settings": {}}
     for name, s in settings.items():
         transform = MultiCropTransform(s["global_size"], s["local_size"],
-                                       local_number=s["local_number"])
+                                       local_number=s["local_number"],
+                                       colour_on=s.get("colour_on", "image"))
         stream = TrainStream(dataset, "train", transform, batch_size, min_size=0)
         loader = iter(make_loader(stream, workers))
         next(loader)  # worker start-up is not throughput
         start = time.perf_counter()
         for _ in range(batches):
-            next(loader)
+            transform.finish(next(loader), torch.device("cpu"))
         rate = batches * batch_size / (time.perf_counter() - start)
         out["settings"][name] = {**s, "images_per_s": rate}
         log(f"{name}: {rate:.1f} images/s ({workers} workers)")
@@ -307,6 +309,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     no shards: the library alone), whose loss, masks and teacher targets should behave as on a
     CPU, then ``pretrain_cfg``'s step through DDP on ``ddp_workers`` processes (default: every
     GPU when more than one is visible). Needs only torch, timm and this package."""
+    from attmask.data.stream import collate_views
     from attmask.data.synthetic import ObjectsOnBackgrounds
     from attmask.data.transforms import pretraining_transform
 
@@ -335,7 +338,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
                 f"{s} {v['images_per_s']:.1f} img/s ({v['fraction_of_bound']:.2f} of bound)"
                 for s, v in r["strategies"].items()))
 
-    m, d = pretrain_cfg.model, pretrain_cfg.data
+    m = pretrain_cfg.model
     engine = Engine(pretrain_cfg, steps_per_epoch=pretrain_steps, device=device)
     images = ObjectsOnBackgrounds(m.image_size, seed=0)
     crops = pretraining_transform(pretrain_cfg)
@@ -344,9 +347,7 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     for step in range(pretrain_steps):
         views = [crops(torch.from_numpy(images.sample("train", step * batch_size + i).image)
                        .permute(2, 0, 1)) for i in range(batch_size)]
-        global_crops = torch.stack([torch.stack(v[0]) for v in views], 1)
-        local_crops = (torch.stack([torch.stack(v[1]) for v in views], 1)
-                       if d.local_crops_number else None)
+        global_crops, local_crops = crops.finish(collate_views(views), engine.device)
         if step == 1:  # the first step pays for kernel selection and allocation
             _sync(engine.device)
             start = time.perf_counter()

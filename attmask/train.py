@@ -16,6 +16,7 @@ import torch
 from attmask.config import Config
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import steps_per_epoch, train_batches
+from attmask.data.transforms import pretraining_transform
 from attmask.engine import Engine, check_finite
 from attmask.errors import ConfigError, DataError, Interrupted
 from attmask.monitor import OnlineKnn
@@ -79,6 +80,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     steps = engine.steps_per_epoch
     last = min(max_steps or engine.total_steps, engine.total_steps)
     monitor = OnlineKnn(dataset, cfg) if rank == 0 else None
+    crops = pretraining_transform(cfg)  # finishes each batch (data.colour_on=batch: its colour)
     global_batch = cfg.train.batch_size_per_worker * world_size
     skipped: set[str] = set()  # distinct corrupt samples (each epoch reads them again)
     floats, knn = {}, {}
@@ -102,7 +104,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
         for batch in train_batches(dataset, cfg, epoch=epoch, steps=steps, rank=rank,
                                    world_size=world_size, skip=engine.step % steps):
             hooks.before_step(engine)
-            metrics = engine.train_step(batch["global"], batch["local"])
+            metrics = engine.train_step(*crops.finish(batch, engine.device))
             skipped.update(batch["skipped"])
             small += batch["small"]
             end_of_epoch = engine.step % steps == 0

@@ -153,7 +153,8 @@ def test_bench_data_reports_both_settings(capsys, synthetic_dir, tmp_path):
                           "--batches", "1", "--batch-size", "4", "--json", str(out))
     assert code == 0
     result = json.loads(out.read_text())
-    assert set(result["settings"]) == {"tiny-cpu", "224px-10local"}
+    assert set(result["settings"]) == {f"{crops}/colour_on={on}" for on in ("image", "batch")
+                                       for crops in ("tiny-cpu", "224px-10local")}
     assert all(s["images_per_s"] > 0 for s in result["settings"].values())
 
 

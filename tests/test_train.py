@@ -198,3 +198,23 @@ def test_resume_drops_history_past_the_checkpoint_and_torn_lines(tmp_path):
                     + '{"step": 7, "lo')
     keep_history_until(path, 4)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+
+def test_a_run_with_batched_colour_resumes_exactly(synthetic_dir, tmp_path):
+    """data.colour_on=batch: the colour step runs in the training loop, and a resumed run
+    still draws exactly what a straight one draws."""
+    extra = ("data.colour_on=batch", "train.epochs=1", "train.checkpoint_every_steps=1")
+    straight = pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=straight", *extra),
+                              log=lambda s: None)
+    cfg = cfg_for(synthetic_dir, tmp_path, "train.run_name=cut", *extra)
+    pretrain_local(cfg, log=lambda s: None, max_steps=2)
+    resumed = pretrain_local(cfg, log=lambda s: None)
+    assert resumed.resumed_from == 2 and step_values(resumed.run_dir) == step_values(
+        straight.run_dir)
+    a = load_file(straight.run_dir / "teacher_backbone.safetensors")
+    b = load_file(resumed.run_dir / "teacher_backbone.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    image = pretrain_local(cfg_for(synthetic_dir, tmp_path, "train.run_name=image",
+                                   "train.epochs=1"), log=lambda s: None)
+    c = load_file(image.run_dir / "teacher_backbone.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the colour path did change the crops

@@ -200,7 +200,9 @@ def _shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[An
 
 class TrainStream(IterableDataset):
     """Infinite multi-crop batches for one rank: ``{"global": (2,B,3,S,S), "local": (L,B,3,s,s),
-    "label": (B,), "key": [...], "skipped": [...], "small": int}``; ``skipped`` names the corrupt
+    "label": (B,), "key": [...], "skipped": [...], "small": int}`` (with ``colour_on=batch``
+    also ``"colour": (2+L,B,P)``, the crops uint8: ``transform.finish`` completes them);
+    ``skipped`` names the corrupt
     samples first found since the last batch (a sample re-read on a later pass is not named
     again); ``small`` counts the images smaller than ``min_size`` (upsampled by the crop, as in
     the official code, instead of stopping a long run)."""
@@ -249,8 +251,7 @@ class TrainStream(IterableDataset):
                 crop_state = torch.get_rng_state()
             batch.append((views, s.label, s.key, s.small))
             if len(batch) == self.batch_size:
-                yield {"global": _stack_views([b[0][0] for b in batch]),
-                       "local": _stack_views([b[0][1] for b in batch]),
+                yield {**collate_views([b[0] for b in batch]),
                        "label": torch.tensor([b[1] for b in batch]),
                        "key": [b[2] for b in batch], "skipped": decoder.bad[reported:],
                        "small": sum(b[3] for b in batch)}
@@ -262,6 +263,16 @@ def _stack_views(per_sample: list[list[torch.Tensor]]) -> Optional[torch.Tensor]
     if not per_sample[0]:
         return None
     return torch.stack([torch.stack(views) for views in zip(*per_sample)])
+
+
+def collate_views(per_sample: list[tuple]) -> dict:
+    """B outputs of a :class:`MultiCropTransform` -> ``{"global": (2,B,..), "local": (L,B,..)
+    or None}``, plus ``"colour": (2+L,B,P)`` where the transform leaves the colour to the batch."""
+    out = {"global": _stack_views([v[0] for v in per_sample]),
+           "local": _stack_views([v[1] for v in per_sample])}
+    if len(per_sample[0]) == 3:
+        out["colour"] = torch.stack([v[2] for v in per_sample], 1)
+    return out
 
 
 class EvalStream(IterableDataset):

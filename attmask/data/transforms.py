@@ -9,22 +9,34 @@ paper presets); by default (``"scaled"``) that range is defined at 224 px and sc
 size, so the 16 px crops of the CPU presets are not erased. The colour distortion (jitter
 strengths and the jitter and grayscale probabilities) is configurable: at 32 px it is what makes
 two views of one image look least alike to an untrained network (docs/small-scale.md).
+With ``colour_on="batch"`` the loader only crops and flips and draws each crop's colour
+parameters; :mod:`attmask.data.colour` applies them to the whole batch in the training process.
 """
 from __future__ import annotations
+
+from typing import Literal, Optional
 
 import torch
 from torchvision.transforms import v2
 
 from attmask.config import Config
+from attmask.data.colour import ColourDraw, ColourRecipe, apply_colour
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _blur(size: int, p: float, sigma: str) -> v2.Transform:
+def _sigma_range(size: int, sigma: str) -> tuple[float, float]:
     scale = size / 224 if sigma == "scaled" else 1.0
-    sigma_range = (0.1 * scale, 2.0 * scale)
-    kernel = 2 * max(1, round(3 * sigma_range[1])) + 1  # +-3 sigma of the widest draw
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma_range)], p=p)
+    return 0.1 * scale, 2.0 * scale
+
+
+def _kernel_size(sigma_range: tuple[float, float]) -> int:
+    return 2 * max(1, round(3 * sigma_range[1])) + 1  # +-3 sigma of the widest draw
+
+
+def _blur(size: int, p: float, sigma: str) -> v2.Transform:
+    sigma_range = _sigma_range(size, sigma)
+    return v2.RandomApply([v2.GaussianBlur(_kernel_size(sigma_range), sigma=sigma_range)], p=p)
 
 
 def _finish() -> v2.Transform:
@@ -42,15 +54,34 @@ def _photometric(jitter: tuple[float, ...] = DINO_JITTER, jitter_p: float = 0.8,
 
 
 class MultiCropTransform:
-    """uint8 (3, H, W) image -> (global crops list of 2, local crops list of ``local_number``)."""
+    """uint8 (3, H, W) image -> (global crops list of 2, local crops list of ``local_number``).
+
+    ``colour_on="image"``: each crop fully augmented and normalised here (torchvision, per
+    crop). ``"batch"``: here only cropped and flipped (uint8), plus a third item, the crops'
+    colour parameters (2 + ``local_number``, NUM_PARAMS), which :meth:`finish` applies to a
+    batch at once."""
 
     def __init__(self, global_size: int = 224, local_size: int = 96,
                  global_scale: tuple[float, float] = (0.25, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.25), local_number: int = 6,
                  blur_sigma: str = "scaled", color_jitter: tuple[float, ...] = DINO_JITTER,
-                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2) -> None:
+                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                 colour_on: Literal["image", "batch"] = "image") -> None:
         crop = lambda size, scale: v2.RandomResizedCrop(  # noqa: E731
             size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        self.local_number, self.colour_on = local_number, colour_on
+        if colour_on == "batch":
+            recipe = lambda size, blur_p, solarize_p=0.0: ColourRecipe(  # noqa: E731
+                tuple(color_jitter), color_jitter_prob, grayscale_prob, blur_p,
+                _sigma_range(size, blur_sigma), solarize_p)
+            self.draw_colour = ColourDraw([recipe(global_size, 1.0), recipe(global_size, 0.1, 0.2),
+                                           *[recipe(local_size, 0.5)] * local_number])
+            self.kernels = {s: _kernel_size(_sigma_range(s, blur_sigma))
+                            for s in (global_size, local_size)}
+            self.global1 = self.global2 = v2.Compose([crop(global_size, global_scale),
+                                                      v2.RandomHorizontalFlip()])
+            self.local = v2.Compose([crop(local_size, local_scale), v2.RandomHorizontalFlip()])
+            return
         colour = lambda: _photometric(tuple(color_jitter), color_jitter_prob,  # noqa: E731
                                       grayscale_prob)
         self.global1 = v2.Compose([crop(global_size, global_scale), *colour(),
@@ -60,11 +91,28 @@ class MultiCropTransform:
                                    _finish()])
         self.local = v2.Compose([crop(local_size, local_scale), *colour(),
                                  _blur(local_size, 0.5, blur_sigma), _finish()])
-        self.local_number = local_number
 
-    def __call__(self, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(self, image: torch.Tensor) -> tuple:
         globals_ = [self.global1(image), self.global2(image)]
-        return globals_, [self.local(image) for _ in range(self.local_number)]
+        locals_ = [self.local(image) for _ in range(self.local_number)]
+        if self.colour_on == "image":
+            return globals_, locals_
+        return globals_, locals_, self.draw_colour()
+
+    def finish(self, batch: dict, device: torch.device
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A loader batch -> its (global, local) crops on ``device``, ready for the model."""
+        global_, local = batch["global"].to(device), batch["local"]
+        local = local.to(device) if local is not None else None
+        if self.colour_on == "image":
+            return global_, local
+        # the colour half of the augmentation, on the whole batch, on the training device
+        views = [global_] + ([local] if local is not None else [])
+        params = batch["colour"].to(device).split([len(v) for v in views])
+        normalise = v2.Normalize(MEAN, STD)
+        out = [normalise(apply_colour(v.flatten(0, 1), p.flatten(0, 1), self.kernels[v.shape[-1]])
+                         ).view(v.shape) for v, p in zip(views, params)]
+        return out[0], (out[1] if local is not None else None)
 
 
 class EvalTransform:
@@ -100,4 +148,5 @@ def pretraining_transform(cfg: Config) -> MultiCropTransform:
     m, d = cfg.model, cfg.data
     return MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
                               d.local_crops_scale, d.local_crops_number, d.blur_sigma,
-                              d.color_jitter, d.color_jitter_prob, d.grayscale_prob)
+                              d.color_jitter, d.color_jitter_prob, d.grayscale_prob,
+                              d.colour_on)
