@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from attmask.data import transforms
 from attmask.data.colour import (
     BRIGHTNESS,
     CONTRAST,
@@ -121,3 +122,21 @@ def test_image_mode_batches_carry_no_colour_parameters(synthetic_dir):
                          MultiCropTransform(32, 16, local_number=1), 4)
     batch = next(iter(make_loader(stream, 0)))
     assert "colour" not in batch and batch["global"].dtype == torch.float32
+
+
+def test_finish_on_cpu_leaves_the_loader_workers_their_cores(synthetic_dir, monkeypatch):
+    cfg = tiny_config(f"data.path={synthetic_dir}", "data.colour_on=batch", "data.num_workers=0")
+    batch = next(iter(train_batches(load_dataset(synthetic_dir), cfg, epoch=0, steps=1)))
+    transform = lambda workers: MultiCropTransform(  # noqa: E731
+        32, 16, local_number=cfg.data.local_crops_number, colour_on="batch",
+        loader_workers=workers)
+    alone = transform(0).finish(batch, torch.device("cpu"))
+    threads, seen = torch.get_num_threads(), []
+    def counting(*args):
+        seen.append(torch.get_num_threads())
+        return apply_colour(*args)
+    monkeypatch.setattr(transforms, "apply_colour", counting)
+    shared = transform(1).finish(batch, torch.device("cpu"))
+    assert seen and all(n == max(1, threads - 1) for n in seen)
+    assert torch.get_num_threads() == threads  # restored afterwards
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(alone, shared))

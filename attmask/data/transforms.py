@@ -14,7 +14,8 @@ parameters; :mod:`attmask.data.colour` applies them to the whole batch in the tr
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+import contextlib
+from typing import Iterator, Literal, Optional
 
 import torch
 from torchvision.transforms import v2
@@ -66,10 +67,11 @@ class MultiCropTransform:
                  local_scale: tuple[float, float] = (0.05, 0.25), local_number: int = 6,
                  blur_sigma: str = "scaled", color_jitter: tuple[float, ...] = DINO_JITTER,
                  color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
-                 colour_on: Literal["image", "batch"] = "image") -> None:
+                 colour_on: Literal["image", "batch"] = "image", loader_workers: int = 0) -> None:
         crop = lambda size, scale: v2.RandomResizedCrop(  # noqa: E731
             size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         self.local_number, self.colour_on = local_number, colour_on
+        self.loader_workers = loader_workers  # processes that hold CPU cores while finish runs
         if colour_on == "batch":
             recipe = lambda size, blur_p, solarize_p=0.0: ColourRecipe(  # noqa: E731
                 tuple(color_jitter), color_jitter_prob, grayscale_prob, blur_p,
@@ -110,9 +112,26 @@ class MultiCropTransform:
         views = [global_] + ([local] if local is not None else [])
         params = batch["colour"].to(device).split([len(v) for v in views])
         normalise = v2.Normalize(MEAN, STD)
-        out = [normalise(apply_colour(v.flatten(0, 1), p.flatten(0, 1), self.kernels[v.shape[-1]])
-                         ).view(v.shape) for v, p in zip(views, params)]
+        with self._cpu_threads(device):
+            out = [normalise(apply_colour(v.flatten(0, 1), p.flatten(0, 1),
+                                          self.kernels[v.shape[-1]])).view(v.shape)
+                   for v, p in zip(views, params)]
         return out[0], (out[1] if local is not None else None)
+
+    @contextlib.contextmanager
+    def _cpu_threads(self, device: torch.device) -> Iterator[None]:
+        """On a CPU, the colour step's threads leave the loader workers their cores: threads
+        that wait on a busy core cost more than they add (2 cores, 1 worker, 32 px: 125 ms per
+        64-image batch on 2 threads, 30 on 1; docs/speed.md)."""
+        threads = torch.get_num_threads()
+        if device.type != "cpu" or threads <= 1 or not self.loader_workers:
+            yield
+            return
+        torch.set_num_threads(max(1, threads - self.loader_workers))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 class EvalTransform:
@@ -149,4 +168,4 @@ def pretraining_transform(cfg: Config) -> MultiCropTransform:
     return MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
                               d.local_crops_scale, d.local_crops_number, d.blur_sigma,
                               d.color_jitter, d.color_jitter_prob, d.grayscale_prob,
-                              d.colour_on)
+                              d.colour_on, d.num_workers)
