@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from attmask import masking
 from attmask.config import (
+    LATER_KEYS,
     PRESET_DIR,
     Config,
     config_source,
@@ -182,6 +183,10 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
     # benchmark given more seeds or strategies keeps the runs it has finished.
     shared = next(iter(spec.configs.values())).to_dict()
     del shared["masking"]["strategy"], shared["train"]["seed"]
+    for dotted, before in LATER_KEYS.items():
+        section, key = dotted.split(".")
+        if shared[section][key] == before:
+            del shared[section][key]
     resolved = {"data": data, "evaluation": spec.evaluation, "config": shared}
     spec.digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str)
                                  .encode()).hexdigest()[:8]

@@ -2,16 +2,18 @@
 idempotent reruns, failures, and (where Debian's chromium is installed) a real rendering."""
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
-from conftest import tiny_yaml
+from conftest import ROOT, tiny_yaml
 from pipelines.benchmark import load_benchmark, run_benchmark
 from pipelines.tracking import git_commit
 from run_pipeline import main
@@ -222,9 +224,21 @@ def test_the_run_names_depend_on_the_shared_settings_not_on_the_lists(tmp_path):
     assert more.command() == ("python run_pipeline.py benchmark --preset bench --seeds 3,0 "
                               "--strategies attmask_hint,random")
     for changed in (load_benchmark(path, ["train.epochs=3"]),
+                    load_benchmark(path, ["data.colour_on=batch"]),
                     load_benchmark(write_bench(tmp_path, seeds=[0], evaluation={"suite": ["knn"]})
                                    .as_posix())):
         assert changed.digest != base.digest
+
+
+def test_committed_records_keep_the_names_their_preset_gives_them():
+    """A config key added later must not rename the runs of a committed comparison (a rerun of
+    its command would otherwise train them all again)."""
+    records = sorted(Path(ROOT, "docs", "results").glob("*/runs/*/record.json"))
+    assert records  # docs/results/cifar10-cpu-long
+    for record in records:
+        preset = record.parents[2].name
+        name = json.loads(record.read_text())["run_name"]
+        assert name.startswith(f"bench-{preset}-{load_benchmark(preset).digest}-"), record
 
 
 def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
