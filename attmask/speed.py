@@ -223,7 +223,7 @@ def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches:
     for name, s in settings.items():
         transform = MultiCropTransform(s["global_size"], s["local_size"],
                                        local_number=s["local_number"],
-                                       colour_on=s.get("colour_on", "image"))
+                                       colour_on=s.get("colour_on", "image"), loader_workers=workers)
         stream = TrainStream(dataset, "train", transform, batch_size, min_size=0)
         loader = iter(make_loader(stream, workers))
         next(loader)  # worker start-up is not throughput
