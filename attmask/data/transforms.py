@@ -104,8 +104,8 @@ class MultiCropTransform:
     def finish(self, batch: dict, device: torch.device
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A loader batch -> its (global, local) crops on ``device``, ready for the model."""
-        global_, local = batch["global"].to(device), batch["local"]
-        local = local.to(device) if local is not None else None
+        global_, local = batch["global"].to(device, non_blocking=True), batch["local"]
+        local = local.to(device, non_blocking=True) if local is not None else None
         if self.colour_on == "image":
             return global_, local
         # the colour half of the augmentation, on the whole batch, on the training device
