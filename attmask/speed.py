@@ -309,9 +309,8 @@ def device_check(full_configs: dict[str, Config], pretrain_cfg: Config, *, steps
     no shards: the library alone), whose loss, masks and teacher targets should behave as on a
     CPU, then ``pretrain_cfg``'s step through DDP on ``ddp_workers`` processes (default: every
     GPU when more than one is visible). Needs only torch, timm and this package."""
-    from attmask.data.stream import collate_views
     from attmask.data.synthetic import ObjectsOnBackgrounds
-    from attmask.data.transforms import pretraining_transform
+    from attmask.data.transforms import collate_views, pretraining_transform
 
     out: dict = {"bench_step": {}, "pretrain": {}}
     on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()

@@ -237,6 +237,11 @@ def test_committed_records_keep_the_names_their_preset_gives_them():
     assert records  # docs/results/cifar10-cpu-long
     for record in records:
         preset = record.parents[2].name
+        source = yaml.safe_load(Path(ROOT, "configs", "benchmark", f"{preset}.yaml")
+                                .read_text())["data"].get("from")
+        if source and not Path(ROOT, source).exists():
+            pytest.skip(f"{source} absent: {preset}'s data, and so its run names, cannot be "
+                        "resolved")
         name = json.loads(record.read_text())["run_name"]
         assert name.startswith(f"bench-{preset}-{load_benchmark(preset).digest}-"), record
 

@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from attmask.config import Config
 from attmask.data.shards import Dataset
-from attmask.data.transforms import EvalTransform, MultiCropTransform, pretraining_transform
+from attmask.data.transforms import (
+    EvalTransform,
+    MultiCropTransform,
+    collate_views,
+    pretraining_transform,
+)
 from attmask.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -256,23 +261,6 @@ class TrainStream(IterableDataset):
                        "key": [b[2] for b in batch], "skipped": decoder.bad[reported:],
                        "small": sum(b[3] for b in batch)}
                 batch, reported = [], len(decoder.bad)
-
-
-def _stack_views(per_sample: list[list[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """[B][V] crops -> (V, B, 3, s, s)."""
-    if not per_sample[0]:
-        return None
-    return torch.stack([torch.stack(views) for views in zip(*per_sample)])
-
-
-def collate_views(per_sample: list[tuple]) -> dict:
-    """B outputs of a :class:`MultiCropTransform` -> ``{"global": (2,B,..), "local": (L,B,..)
-    or None}``, plus ``"colour": (2+L,B,P)`` where the transform leaves the colour to the batch."""
-    out = {"global": _stack_views([v[0] for v in per_sample]),
-           "local": _stack_views([v[1] for v in per_sample])}
-    if len(per_sample[0]) == 3:
-        out["colour"] = torch.stack([v[2] for v in per_sample], 1)
-    return out
 
 
 class EvalStream(IterableDataset):

@@ -134,6 +134,23 @@ class MultiCropTransform:
             torch.set_num_threads(threads)
 
 
+def _stack_views(per_sample: list[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """[B][V] crops -> (V, B, 3, s, s)."""
+    if not per_sample[0]:
+        return None
+    return torch.stack([torch.stack(views) for views in zip(*per_sample)])
+
+
+def collate_views(per_sample: list[tuple]) -> dict:
+    """B outputs of a :class:`MultiCropTransform` -> ``{"global": (2,B,..), "local": (L,B,..)
+    or None}``, plus ``"colour": (2+L,B,P)`` where the transform leaves the colour to the batch."""
+    out = {"global": _stack_views([v[0] for v in per_sample]),
+           "local": _stack_views([v[1] for v in per_sample])}
+    if len(per_sample[0]) == 3:
+        out["colour"] = torch.stack([v[2] for v in per_sample], 1)
+    return out
+
+
 class EvalTransform:
     """The evaluation view of the official k-NN and linear protocols (DINO ``eval_knn.py``):
     an image larger than ``size`` has its shorter side resized to ``size * 256 / 224`` (bicubic)
