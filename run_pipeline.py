@@ -246,7 +246,7 @@ def cmd_prepare_data(args) -> int:
                     num_samples=args.num_samples, num_test_samples=args.num_test_samples,
                     per_class=args.per_class, shard_size=args.shard_size,
                     image_size=args.image_size, seed=args.seed, num_classes=args.num_classes,
-                    bg_correlation=args.bg_correlation)
+                    bg_correlation=args.bg_correlation, colours=args.colours)
     manifest, written = prepare_data(a)
     state = "wrote" if written else "up to date (same arguments), nothing to do:"
     splits = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards"
@@ -383,6 +383,9 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=10, help="synthetic only")
     p.add_argument("--bg-correlation", type=float, default=0.8, help="synthetic only")
+    p.add_argument("--colours", default="random",
+                   help="synthetic only: random (per image) or fixed (one object colour, two "
+                        "greys: the data on which a few hundred steps show learning)")
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("bench-data", help="decode + multi-crop throughput of a shard directory")

@@ -64,7 +64,7 @@ def open_dataset(cfg: Config) -> Dataset:
     """Load and check the training data before any work starts."""
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a prepare-data output directory, "
-                          "e.g. data.path=data/synthetic-32")
+                          "e.g. data.path=data/synthetic-fixed-32")
     dataset = load_dataset(cfg.data.path)
     dataset.check_shards(cfg.data.split, verify=cfg.data.verify_checksums)
     if dataset.image_size < cfg.model.image_size:

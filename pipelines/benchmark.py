@@ -55,7 +55,7 @@ BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
             "evaluation"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
-             "image_size", "seed"}
+             "image_size", "seed", "colours"}
 EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
 RECORD_FILE = "record.json"  # a finished run, beside its evaluation in the report folder
@@ -104,7 +104,7 @@ class BenchmarkSpec:
                            num_samples=d.get("num_samples"),
                            num_test_samples=d.get("num_test_samples"),
                            per_class=d.get("per_class"), image_size=d.get("image_size"),
-                           seed=d.get("seed", 0))
+                           seed=d.get("seed", 0), colours=d.get("colours", "random"))
 
     def eval_options(self) -> EvalOptions:
         e = self.evaluation
@@ -382,10 +382,11 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
         f"{first.masking.prob}. Accuracies in %, mean ± std over seeds.",
     ]
     if spec.smoke:
-        intro.append("SMOKE SCALE: this run demonstrates that every stage of the pipeline works "
-                     "end to end on a small CPU and how a comparison is read. At this budget the "
-                     "features do not leave their random initialisation (compare each row with "
-                     "the init row), so differences between strategies are noise; "
+        intro.append("SMOKE SCALE: a budget of minutes on a small CPU, to show that every stage "
+                     "works end to end, whether the features learn (the gain over init above) "
+                     "and how a comparison is read. It does not say which strategy is better: "
+                     "at this budget the strategies differ by less than the noise unless the "
+                     "paired table says otherwise (--seeds 0-2 adds the interval); "
                      "docs/small-scale.md has the CPU recipe study, and the cifar10-cpu or "
                      "paper-20pct-in1k presets compare strategies.")
     if len(runs) < len(spec.configs):

@@ -482,6 +482,8 @@ CASES = [
     (GOOD_PREP + ["--num-classes", "0"], ["num_classes"]),
     (GOOD_PREP + ["--num-classes", "50"], ["num_classes"]),
     (GOOD_PREP + ["--bg-correlation", "2"], ["bg_correlation"]),
+    (GOOD_PREP + ["--colours", "grey"], ["--colours", "random, fixed"]),
+    (PREP + ["--source", "cifar10", "--colours", "fixed"], ["--colours", "synthetic"]),
     (["prepare-data", "--source", "synthetic", "--out", "{a_file}"], ["--out", "{a_file}"]),
     (["prepare-data", "--source", "synthetic", "--out", "{a_file}/sub"], ["{a_file}"]),
     (["prepare-data", "--source", "synthetic", "--out", "/proc/attmask-data"],

@@ -24,7 +24,7 @@ from attmask.data.stream import (
     stratified_subset,
     train_batches,
 )
-from attmask.data.synthetic import BACKGROUNDS, VARIANTS, ObjectsOnBackgrounds
+from attmask.data.synthetic import BACKGROUNDS, FIXED_OBJECT, VARIANTS, ObjectsOnBackgrounds
 from attmask.data.transforms import MEAN, STD, EvalTransform, MultiCropTransform, pretraining_transform
 from attmask.errors import DataError
 from conftest import serve_folder, tiny_config
@@ -72,6 +72,21 @@ def test_variants_are_paired_imagenet9_style():
     assert v["mixed_same"].meta["background"] == BACKGROUNDS[gen.class_family(label)]
     for name in ("mixed_same", "mixed_rand"):
         assert np.array_equal(v[name].fg, fg)  # same object, other background
+
+
+def test_fixed_colours_draw_the_same_scenes_in_one_palette():
+    random, fixed = (ObjectsOnBackgrounds(32, colours=c) for c in ("random", "fixed"))
+    for i in range(20):
+        r, f = random.sample("train", i), fixed.sample("train", i)
+        assert r.label == f.label and r.meta == f.meta and np.array_equal(r.fg, f.fg)
+        assert not np.array_equal(r.image, f.image)
+        # grey away from the object (its anti-aliased rim blends the two), cream on it
+        near = f.fg | np.roll(f.fg, 1, 0) | np.roll(f.fg, -1, 0)
+        near |= np.roll(near, 1, 1) | np.roll(near, -1, 1)
+        assert (np.ptp(f.image[~near].astype(int), axis=-1) <= 1).all()
+        assert np.abs(f.image[f.fg].astype(int) - np.round(FIXED_OBJECT * 255)).max() <= 60
+    assert len({tuple(random.sample("train", i).image[~random.sample("train", i).fg][0])
+                for i in range(20)}) > 10  # random colours differ between images
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])

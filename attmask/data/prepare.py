@@ -13,6 +13,7 @@ from attmask.data.sources import (
     npz_source,
     synthetic_source,
 )
+from attmask.data.synthetic import COLOURS
 from attmask.errors import DataError, check_output_dir
 
 SOURCES = ["synthetic", "cifar10", "npz", "imagefolder"]
@@ -31,6 +32,7 @@ class PrepareArgs:
     seed: int = 0
     num_classes: int = 10
     bg_correlation: float = 0.8
+    colours: str = "random"
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -39,6 +41,10 @@ class PrepareArgs:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "num_test_samples" else 1):
                 raise DataError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
+        if self.colours not in COLOURS:
+            raise DataError(f"--colours {self.colours!r}: allowed values are {', '.join(COLOURS)}")
+        if self.colours != "random" and self.source != "synthetic":
+            raise DataError(f"--colours {self.colours}: applies to --source synthetic only")
         if self.source in ("npz", "imagefolder") and not self.from_path:
             raise DataError(f"--source {self.source} needs --from PATH")
         if self.from_path and not Path(self.from_path).exists():
@@ -54,7 +60,7 @@ def build_source(a: PrepareArgs) -> SourceSpec:
             return synthetic_source(a.num_samples or 10_000, a.num_test_samples,
                                     image_size=a.image_size or 32, seed=a.seed,
                                     num_classes=a.num_classes, bg_correlation=a.bg_correlation,
-                                    per_class=a.per_class)
+                                    per_class=a.per_class, colours=a.colours)
         except ValueError as exc:
             raise DataError(f"synthetic source: {exc}") from exc
     if a.source == "cifar10":
@@ -69,6 +75,8 @@ def prepare_data(a: PrepareArgs) -> tuple[dict, bool]:
     a.validate()
     args = asdict(a)
     args.pop("out")
+    if args["colours"] == "random":  # manifests written before the option existed stay current
+        args.pop("colours")
     if args["from_path"]:
         args["from_path"] = str(Path(args["from_path"]).resolve())
     if (old := existing_manifest(a.out, a.source, args)) is not None:

@@ -48,8 +48,9 @@ class SourceSpec:
 
 def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] = None,
                      image_size: int = 32, seed: int = 0, num_classes: int = 10,
-                     bg_correlation: float = 0.8, per_class: Optional[int] = None) -> SourceSpec:
-    gen = ObjectsOnBackgrounds(image_size, num_classes, bg_correlation, seed)
+                     bg_correlation: float = 0.8, per_class: Optional[int] = None,
+                     colours: str = "random") -> SourceSpec:
+    gen = ObjectsOnBackgrounds(image_size, num_classes, bg_correlation, seed, colours)
     n_test = num_samples // 5 if num_test_samples is None else num_test_samples
 
     def plain(split: str, count: int) -> Iterator[Sample]:
