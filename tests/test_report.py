@@ -84,8 +84,16 @@ def test_takeaways_lead_with_gain_verdict_and_object_masking():
     # paired: differences 1, 2, 3 points -> mean 2, std 1, the same t interval
     assert (f"attmask_high +2.0 [{2 - half:+.1f}, {2 + half:+.1f}] over 3 seeds "
             "(not distinguishable at this budget)") in lines[1]
+    assert lines[2].startswith("AttMask-High hides more of the object than random masking")
     assert "60.0 ± 0.0 % of its masked patches lie on the object" in lines[2]
     assert "object share of 30.0 ± 0.0 %" in lines[2]
+
+
+def test_takeaways_say_when_attmask_high_hides_less_of_the_object():
+    runs = [record("random", 0, 0.40, 0.5), record("attmask_high", 0, 0.41, 0.5, masked=0.006)]
+    line = takeaways(Rows.of(runs, STRATEGIES), STRATEGIES)[-1]
+    assert line.startswith("AttMask-High hides less of the object than random masking: 0.6")
+    assert "object share of 30.0 %" in line
 
 
 def test_one_seed_gain_is_judged_against_the_test_images():
