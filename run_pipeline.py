@@ -121,7 +121,10 @@ def cmd_evaluate(args) -> int:
 
     cfg = load_cfg(args)
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
-                          max_test_samples=args.max_test, finetune_epochs=args.finetune_epochs)
+                          max_test_samples=args.max_test,
+                          max_robustness_samples=args.max_robustness,
+                          max_attention_samples=args.max_attention,
+                          finetune_epochs=args.finetune_epochs)
     if args.suite is not None:
         options.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
     baselines = tuple(b.strip() for b in args.baselines.split(",")
@@ -317,6 +320,10 @@ def build_parser() -> Parser:
                    help="epochs of the short fine-tuning schedule (--suite ...,finetune)")
     p.add_argument("--max-train", type=count(1), help="cap on train images (features)")
     p.add_argument("--max-test", type=count(1), help="cap on images per test split")
+    p.add_argument("--max-robustness", type=count(1),
+                   help="cap on images per robustness variant (default: --max-test)")
+    p.add_argument("--max-attention", type=count(1),
+                   help="cap on test images for attention on the object (default: --max-test)")
     p.add_argument("--address", help="attach to a running cluster")
     p.set_defaults(func=cmd_evaluate)
 

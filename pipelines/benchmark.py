@@ -56,7 +56,8 @@ TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies",
             "evaluation"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
              "image_size", "seed", "colours"}
-EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "finetune_epochs"}
+EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "max_robustness", "max_attention",
+             "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
 RECORD_FILE = "record.json"  # a finished run, beside its evaluation in the report folder
 REPORT_ROOT = Path("reports")  # reports/<benchmark name>/ unless --reports says otherwise
@@ -111,6 +112,8 @@ class BenchmarkSpec:
         options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
                               max_train_samples=e.get("max_train"),
                               max_test_samples=e.get("max_test"),
+                              max_robustness_samples=e.get("max_robustness"),
+                              max_attention_samples=e.get("max_attention"),
                               finetune_epochs=e.get("finetune_epochs", 3))
         if "suite" in e:
             options.suite = e["suite"]
