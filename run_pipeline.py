@@ -122,7 +122,6 @@ def cmd_evaluate(args) -> int:
     cfg = load_cfg(args)
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
                           max_test_samples=args.max_test,
-                          max_robustness_samples=args.max_robustness,
                           max_attention_samples=args.max_attention,
                           finetune_epochs=args.finetune_epochs)
     if args.suite is not None:
@@ -249,7 +248,8 @@ def cmd_prepare_data(args) -> int:
                     num_samples=args.num_samples, num_test_samples=args.num_test_samples,
                     per_class=args.per_class, shard_size=args.shard_size,
                     image_size=args.image_size, seed=args.seed, num_classes=args.num_classes,
-                    bg_correlation=args.bg_correlation, colours=args.colours)
+                    bg_correlation=args.bg_correlation, colours=args.colours,
+                    num_variant_samples=args.num_variant_samples)
     manifest, written = prepare_data(a)
     state = "wrote" if written else "up to date (same arguments), nothing to do:"
     splits = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards"
@@ -320,8 +320,6 @@ def build_parser() -> Parser:
                    help="epochs of the short fine-tuning schedule (--suite ...,finetune)")
     p.add_argument("--max-train", type=count(1), help="cap on train images (features)")
     p.add_argument("--max-test", type=count(1), help="cap on images per test split")
-    p.add_argument("--max-robustness", type=count(1),
-                   help="cap on images per robustness variant (default: --max-test)")
     p.add_argument("--max-attention", type=count(1),
                    help="cap on test images for attention on the object (default: --max-test)")
     p.add_argument("--address", help="attach to a running cluster")
@@ -384,6 +382,9 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-samples", type=count(1), help="train size (synthetic: 10000) or cap")
     p.add_argument("--num-test-samples", type=count(0), help="size of each test split or cap")
+    p.add_argument("--num-variant-samples", type=count(1),
+                   help="synthetic only: images per robustness variant (default: as many as "
+                        "the test split)")
     p.add_argument("--per-class", type=count(1), help="keep the first K images per class")
     p.add_argument("--shard-size", type=count(1), help="samples per shard (default: >= 8 shards)")
     p.add_argument("--image-size", type=count(1), help="synthetic size (32) / imagefolder resize")

@@ -55,8 +55,8 @@ BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
             "evaluation"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
-             "image_size", "seed", "colours"}
-EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "max_robustness", "max_attention",
+             "image_size", "seed", "colours", "num_variant_samples"}
+EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "max_attention",
              "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
 RECORD_FILE = "record.json"  # a finished run, beside its evaluation in the report folder
@@ -105,14 +105,14 @@ class BenchmarkSpec:
                            num_samples=d.get("num_samples"),
                            num_test_samples=d.get("num_test_samples"),
                            per_class=d.get("per_class"), image_size=d.get("image_size"),
-                           seed=d.get("seed", 0), colours=d.get("colours", "random"))
+                           seed=d.get("seed", 0), colours=d.get("colours", "random"),
+                           num_variant_samples=d.get("num_variant_samples"))
 
     def eval_options(self) -> EvalOptions:
         e = self.evaluation
         options = EvalOptions(probe_epochs=e.get("probe_epochs", 100),
                               max_train_samples=e.get("max_train"),
                               max_test_samples=e.get("max_test"),
-                              max_robustness_samples=e.get("max_robustness"),
                               max_attention_samples=e.get("max_attention"),
                               finetune_epochs=e.get("finetune_epochs", 3))
         if "suite" in e:

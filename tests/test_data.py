@@ -20,6 +20,7 @@ from attmask.data.stream import (
     EvalStream,
     TrainStream,
     make_loader,
+    read_samples,
     stratified_keys,
     stratified_subset,
     train_batches,
@@ -124,6 +125,25 @@ def test_prepare_rewrites_when_arguments_change(tmp_path):
     a.num_samples = 30
     manifest, written = prepare_data(a)
     assert written and manifest["splits"]["train"]["num_samples"] == 30
+
+
+def test_fewer_variant_images_keep_the_test_split_and_the_first_scenes(tmp_path):
+    """The main job tests the k-NN on many images and the robustness variants on fewer."""
+    whole = tmp_path / "whole"
+    prepare_data(PrepareArgs(source="synthetic", out=str(whole), num_samples=20,
+                             num_test_samples=12))
+    fewer = PrepareArgs(source="synthetic", out=str(tmp_path / "fewer"), num_samples=20,
+                        num_test_samples=12, num_variant_samples=5)
+    manifest, _ = prepare_data(fewer)
+    splits = manifest["splits"]
+    assert splits["test"]["num_samples"] == 12 and manifest["args"]["num_variant_samples"] == 5
+    assert {splits[f"test_{v}"]["num_samples"] for v in VARIANTS} == {5}
+    first = [s["png"] for s in read_samples(load_dataset(whole).shard_urls("test_mixed_rand"))]
+    kept = [s["png"] for s in read_samples(load_dataset(fewer.out).shard_urls("test_mixed_rand"))]
+    assert kept == first[:5]
+    # Left at its default, the option is not in the manifest: folders written before it
+    # existed stay current.
+    assert "num_variant_samples" not in json.loads((whole / MANIFEST).read_text())["args"]
 
 
 def test_failed_prepare_leaves_the_existing_dataset_loadable(tmp_path):

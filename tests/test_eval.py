@@ -173,26 +173,19 @@ def test_suite_on_synthetic_with_all_variants(tiny_checkpoint, synthetic_dir, tm
     assert len(list((tmp_path / "cache").glob("*.pt"))) == cached  # cache reused
 
 
-def test_robustness_and_attention_caps_leave_the_test_split_whole(tiny_checkpoint, synthetic_dir,
-                                                                   tmp_path):
-    """A large test split for the k-NN, without five variants and attention maps of its size."""
+def test_attention_cap_leaves_the_test_split_whole(tiny_checkpoint, synthetic_dir, tmp_path):
+    """A large test split for the k-NN, without attention maps of its size."""
     def evaluator(**caps) -> Evaluator:
         return Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path / "c",
                                          options=EvalOptions(probe_epochs=2, **caps))
 
-    ev = evaluator(max_robustness_samples=10, max_attention_samples=12)
+    ev = evaluator(max_attention_samples=12)
     assert len(ev.features("test", 1).labels) == 32  # the k-NN's test split stays whole
-    variants = ev.robustness_set.variants.values()
-    assert {len(ev.features(v, 1).labels) for v in variants} == {10}
-    assert len(ev.features(ev.robustness_set.train, 1).labels) == 160  # train: max_train only
     whole, capped = evaluator().attention(), ev.attention()
     assert capped["object_share"] != whole["object_share"]  # fewer images were read
-    # The default of each cap is max_test, as for every other test split.
-    assert evaluator(max_test_samples=12).attention() == capped
-    fallback = evaluator(max_test_samples=10)
-    assert {len(fallback.features(v, 1).labels) for v in variants} == {10}
-    with pytest.raises(UserError, match="max_robustness=0"):
-        evaluator(max_robustness_samples=0)
+    assert evaluator(max_test_samples=12).attention() == capped  # by default, max_test's cap
+    with pytest.raises(UserError, match="max_attention=0"):
+        evaluator(max_attention_samples=0)
 
 
 def test_external_robustness_set_and_data_checks(tiny_checkpoint, synthetic_dir, tmp_path):

@@ -17,6 +17,9 @@ from attmask.data.synthetic import COLOURS
 from attmask.errors import DataError, check_output_dir
 
 SOURCES = ["synthetic", "cifar10", "npz", "imagefolder"]
+# Arguments added after data folders were first written: left out of the manifest at these
+# values, so that folders prepared before they existed stay current.
+LATER_ARGS = {"colours": "random", "num_variant_samples": None}
 
 
 @dataclass
@@ -33,11 +36,13 @@ class PrepareArgs:
     num_classes: int = 10
     bg_correlation: float = 0.8
     colours: str = "random"
+    num_variant_samples: Optional[int] = None  # synthetic: images per robustness variant
 
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise DataError(f"--source {self.source!r}: allowed values are {', '.join(SOURCES)}")
-        for name in ("num_samples", "num_test_samples", "per_class", "shard_size", "image_size"):
+        for name in ("num_samples", "num_test_samples", "per_class", "shard_size", "image_size",
+                     "num_variant_samples"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "num_test_samples" else 1):
                 raise DataError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
@@ -45,6 +50,9 @@ class PrepareArgs:
             raise DataError(f"--colours {self.colours!r}: allowed values are {', '.join(COLOURS)}")
         if self.colours != "random" and self.source != "synthetic":
             raise DataError(f"--colours {self.colours}: applies to --source synthetic only")
+        if self.num_variant_samples is not None and self.source != "synthetic":
+            raise DataError("--num-variant-samples: applies to --source synthetic only (the "
+                            "built-in data draws the robustness variants)")
         if self.source in ("npz", "imagefolder") and not self.from_path:
             raise DataError(f"--source {self.source} needs --from PATH")
         if self.from_path and not Path(self.from_path).exists():
@@ -60,7 +68,8 @@ def build_source(a: PrepareArgs) -> SourceSpec:
             return synthetic_source(a.num_samples or 10_000, a.num_test_samples,
                                     image_size=a.image_size or 32, seed=a.seed,
                                     num_classes=a.num_classes, bg_correlation=a.bg_correlation,
-                                    per_class=a.per_class, colours=a.colours)
+                                    per_class=a.per_class, colours=a.colours,
+                                    num_variant_samples=a.num_variant_samples)
         except ValueError as exc:
             raise DataError(f"synthetic source: {exc}") from exc
     if a.source == "cifar10":
@@ -75,8 +84,9 @@ def prepare_data(a: PrepareArgs) -> tuple[dict, bool]:
     a.validate()
     args = asdict(a)
     args.pop("out")
-    if args["colours"] == "random":  # manifests written before the option existed stay current
-        args.pop("colours")
+    for name, before in LATER_ARGS.items():
+        if args[name] == before:
+            del args[name]
     if args["from_path"]:
         args["from_path"] = str(Path(args["from_path"]).resolve())
     if (old := existing_manifest(a.out, a.source, args)) is not None:

@@ -49,9 +49,13 @@ class SourceSpec:
 def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] = None,
                      image_size: int = 32, seed: int = 0, num_classes: int = 10,
                      bg_correlation: float = 0.8, per_class: Optional[int] = None,
-                     colours: str = "random") -> SourceSpec:
+                     colours: str = "random", num_variant_samples: Optional[int] = None
+                     ) -> SourceSpec:
+    """``num_variant_samples``: images per robustness variant (the first test scenes), by
+    default as many as the test split."""
     gen = ObjectsOnBackgrounds(image_size, num_classes, bg_correlation, seed, colours)
     n_test = num_samples // 5 if num_test_samples is None else num_test_samples
+    n_variant = n_test if num_variant_samples is None else min(num_variant_samples, n_test)
 
     def plain(split: str, count: int) -> Iterator[Sample]:
         for i in range(count):
@@ -59,13 +63,13 @@ def synthetic_source(num_samples: int = 10_000, num_test_samples: Optional[int] 
             yield Sample(f"{split}{i:07d}", s.label, image=s.image, fg=s.fg, meta=s.meta)
 
     def variant(name: str) -> Iterator[Sample]:
-        for i in range(n_test):
+        for i in range(n_variant):
             s = gen.variants(i)[name]
             yield Sample(f"{name}{i:07d}", s.label, image=s.image, fg=s.fg, meta=s.meta)
 
     splits = {"train": (num_samples, plain("train", num_samples)),
               "test": (n_test, plain("test", n_test))}
-    splits.update({f"test_{v}": (n_test, variant(v)) for v in VARIANTS})
+    splits.update({f"test_{v}": (n_variant, variant(v)) for v in VARIANTS})
     if per_class is not None:
         splits = {k: _per_class_stream(it, per_class, num_classes) for k, (_, it) in splits.items()}
     return SourceSpec(gen.classes, image_size, splits)

@@ -51,10 +51,8 @@ class EvalOptions:
     shots: tuple[int, ...] = (1, 5, 10, 20)
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
-    # The background-robustness variants and the attention-on-object measure report means over
-    # many images each: a cap lets the k-NN read a large test split (its interval narrows with
-    # the images) without paying for five variants and attention maps of the same size.
-    max_robustness_samples: Optional[int] = None  # per variant; default: max_test_samples
+    # Attention on the object is a mean over many patches: a cap lets the k-NN read a large
+    # test split (its interval narrows with the images) without attention maps of that size.
     max_attention_samples: Optional[int] = None  # default: max_test_samples
     batch_size: int = 256
     # Fine-tuning (short BEiT/iBOT schedule, attmask/eval/finetune.py)
@@ -79,7 +77,6 @@ class EvalOptions:
                     "finetune_batch_size": self.finetune_batch_size}
         positive.update({name: value for name, value in (
             ("max_train", self.max_train_samples), ("max_test", self.max_test_samples),
-            ("max_robustness", self.max_robustness_samples),
             ("max_attention", self.max_attention_samples)) if value is not None})
         for name, value in positive.items():
             if not _is_int(value) or value < 1:
@@ -96,14 +93,6 @@ class EvalOptions:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
             raise UserError(f"finetune_layer_decay={decay!r}: allowed range is (0, 1]")
         return self
-
-    def limit(self, source: "FeatureSource") -> Optional[int]:
-        """The cap on one feature set's images (None: all of them)."""
-        if source.train:
-            return self.max_train_samples
-        if source.variant and self.max_robustness_samples is not None:
-            return self.max_robustness_samples
-        return self.max_test_samples
 
 
 def _is_int(value: object) -> bool:
@@ -181,19 +170,16 @@ def npz_batches(path: Path, transform: EvalTransform, batch_size: int,
 @dataclass(frozen=True)
 class FeatureSource:
     """Where one feature set's images come from: a split of the shard dataset or one ``.npz``
-    file. ``train`` sources are capped by ``max_train``, robustness ``variant`` sources by
-    ``max_robustness`` (or ``max_test``), the others by ``max_test``."""
+    file. ``train`` sources are capped by ``max_train``, the others by ``max_test``."""
 
     name: str
     split: Optional[str] = None
     npz: Optional[Path] = None
     train: bool = False
-    variant: bool = False
 
     @classmethod
     def shards(cls, split: str) -> "FeatureSource":
-        return cls(split, split=split, train=split == "train",
-                   variant=split.startswith(VARIANT_PREFIX))
+        return cls(split, split=split, train=split == "train")
 
 
 @dataclass(frozen=True)
@@ -219,7 +205,7 @@ class RobustnessSet:
         for path in [train, *files]:
             check_image_npz(path, num_classes, dataset_root)
         return cls(FeatureSource(train.stem, npz=train, train=True),
-                   {p.stem.removeprefix(VARIANT_PREFIX): FeatureSource(p.stem, npz=p, variant=True)
+                   {p.stem.removeprefix(VARIANT_PREFIX): FeatureSource(p.stem, npz=p)
                     for p in files})
 
     @classmethod
@@ -305,7 +291,7 @@ class Evaluator:
         return Features(features, cached.labels, cached.keys)
 
     def _extract(self, source: FeatureSource, blocks: int) -> Features:
-        limit = self.options.limit(source)
+        limit = self.options.max_train_samples if source.train else self.options.max_test_samples
         origin = [str(source.npz), _file_id(source.npz)] if source.npz else [self.dataset.root,
                                                                               source.split]
         key = json.dumps([self.model_id, *origin, blocks, limit, "stratified",
