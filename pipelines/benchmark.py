@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -267,7 +268,11 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
 
     record = RunRecord(strategy, seed, cfg.train.run_name)
     out = report_dir / "runs" / f"{strategy}-s{seed}"
-    if _reuse_finished(tracker, record) or _reuse_record(out, record):
+    if _reuse_finished(tracker, record):
+        _carry_run(tracker, record, out)
+        log(f"{record.run_name}: finished earlier, reused")
+        return record
+    if _reuse_record(out, record):
         log(f"{record.run_name}: finished earlier, reused")
         return record
     run_start = time.perf_counter()
@@ -330,6 +335,29 @@ def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
     record.model_version = run.data.tags.get("model_version", "")
     record.knn_history = _knn_history(tracker, run_id)
     return True
+
+
+def _carry_run(tracker: Tracker, record: RunRecord, out: Path) -> None:
+    """Write a run reused from MLflow into a report folder that does not hold it yet (another
+    ``--reports``): its evaluation files, then its record, so that the folder alone carries the
+    run to a fresh store as a report folder of its own runs does."""
+    try:
+        if json.loads((out / RECORD_FILE).read_text()).get("run_name") == record.run_name:
+            return
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory() as d:
+        logged = tracker.fetch(record.mlflow_run_id, "eval", d)
+        if logged is None or not (logged / "results.json").is_file():
+            return  # nothing to carry: the folder keeps what it has
+        out.mkdir(parents=True, exist_ok=True)
+        for f in logged.iterdir():
+            if f.is_file() and f.name != "results.json":
+                shutil.copyfile(f, out / f.name)
+    # as the evaluation writes it once logged: with the run that holds it
+    record.results = {**record.results, "mlflow_run_id": record.mlflow_run_id}
+    (out / "results.json").write_text(json.dumps(record.results, indent=1))
+    _write_record(out, record)
 
 
 def _write_record(out: Path, record: RunRecord) -> None:

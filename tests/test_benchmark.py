@@ -197,6 +197,26 @@ def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
             client.delete_run(run_id)
 
 
+def test_runs_reused_from_the_store_are_written_into_another_report_folder(bench_run):
+    """The main job's runs, reused by `--seeds 0-2 --reports docs/results`: the committed folder
+    must hold every run it reports, not a stale record of another configuration."""
+    tmp, _, first = bench_run
+    other = tmp / "other" / "bench" / "runs" / "random-s0"
+    other.mkdir(parents=True)
+    (other / "record.json").write_text(json.dumps({"run_name": "bench-00000000-random-s0"}))
+    again = run_benchmark(load_benchmark(str(tmp / "bench.yaml")), report_root=tmp / "other",
+                          log=lambda s: None)
+    assert all(r.skipped for r in again.runs) and not again.failed
+    for run in first.runs:
+        here = tmp / "reports" / "bench" / "runs" / f"{run.strategy}-s{run.seed}"
+        there = tmp / "other" / "bench" / "runs" / f"{run.strategy}-s{run.seed}"
+        record = json.loads((there / "record.json").read_text())
+        assert record["run_name"] == run.run_name and record["train_s"] == run.train_s
+        assert json.loads((there / "results.json").read_text()) == run.results
+        pictures = {p.name for p in here.glob("*.png")}
+        assert pictures and pictures <= {p.name for p in there.glob("*.png")}
+
+
 def test_more_seeds_train_only_the_new_runs_and_the_report_says_how(bench_run):
     """The question a 3-seed interval leaves open is answered by more seeds: the same benchmark
     with ``--seeds`` (or ``--strategies``) keeps what it finished."""
