@@ -148,6 +148,12 @@ declare -A TRIALS=(
   # and schedule; its curve pairs with AG's step for step (the colour draws differ)
   [AH-AG-colourbatch]="$M_RECIPE model.patch_size=8 data.colour_on=batch
     train.steps_per_epoch=400 train.epochs=30 optim.warmup_epochs=0.25"
+  # AH with random masking instead of AttMask-High: the 30-minute target asks for both
+  # strategies. Same seed, so the same initial weights and sample order as AH: its curve pairs
+  # with AH's step for step (the masks differ, so the colour and crop draws after the first
+  # batch may too)
+  [AI-AH-random]="$M_RECIPE model.patch_size=8 data.colour_on=batch masking.strategy=random
+    train.steps_per_epoch=400 train.epochs=30 optim.warmup_epochs=0.25"
 )
 ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        I-depth4-2loc-sharp0.02-K256-1200steps J-I-headbn K-J-gentle-crops M-I-lr5e-4
@@ -156,7 +162,7 @@ ORDER=(A-tinycpu B-ibot-lr1.5e-3 F-sharp0.02-K256 H-depth4-2loc-1200steps
        W-M-sinkhorn X-M-nocolour Y-M-halfcolour L-M-4000steps
        Z-M-6local AA-M-head1 AB-M-student0.2
        AC-M-depth2 AD-M-nomask LL-M-12000steps AE-LL-lr1e-3
-       AF-M-5200steps-floor AG-LL-patch8 AH-AG-colourbatch)
+       AF-M-5200steps-floor AG-LL-patch8 AH-AG-colourbatch AI-AH-random)
 for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
