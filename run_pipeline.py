@@ -249,7 +249,8 @@ def cmd_prepare_data(args) -> int:
                     per_class=args.per_class, shard_size=args.shard_size,
                     image_size=args.image_size, seed=args.seed, num_classes=args.num_classes,
                     bg_correlation=args.bg_correlation, colours=args.colours,
-                    num_variant_samples=args.num_variant_samples)
+                    num_variant_samples=args.num_variant_samples,
+                    val_fraction=args.val_fraction, val_per_class=args.val_per_class)
     manifest, written = prepare_data(a)
     state = "wrote" if written else "up to date (same arguments), nothing to do:"
     splits = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards"
@@ -386,6 +387,12 @@ def build_parser() -> Parser:
                    help="synthetic only: images per robustness variant (default: as many as "
                         "the test split)")
     p.add_argument("--per-class", type=count(1), help="keep the first K images per class")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, metavar="F",
+                     help="share of each class held out of train as the val split (default "
+                          "0.1; 0: none)")
+    val.add_argument("--val-per-class", type=count(1), metavar="N",
+                     help="hold out N images per class as the val split instead")
     p.add_argument("--shard-size", type=count(1), help="samples per shard (default: >= 8 shards)")
     p.add_argument("--image-size", type=count(1), help="synthetic size (32) / imagefolder resize")
     p.add_argument("--seed", type=int, default=0)

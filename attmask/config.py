@@ -213,9 +213,11 @@ class TrainConfig:
     checkpoint_keep: int = 2
     run_name: Optional[str] = None
     output_dir: str = "runs"
-    # Online monitor (AttMask section 3.9): teacher k-NN on a small labelled split.
+    # Online monitor (AttMask section 3.9): teacher k-NN on a small labelled split. It reads the
+    # val split (held out of train by prepare-data), since searches and early stopping decide
+    # on it; knn_split=test must be asked for, and such runs are marked "selected on test".
     knn_every_epochs: int = 1  # 0 disables
-    knn_split: str = "test"
+    knn_split: str = "val"
     knn_train_samples: int = 1000
     knn_test_samples: int = 500
     knn_student: bool = False  # also score the student (student_knn_top1), beside the teacher
@@ -232,6 +234,9 @@ class TrainConfig:
         _range(f"{p}.knn_every_epochs", self.knn_every_epochs, 0, 100_000)
         _range(f"{p}.knn_train_samples", self.knn_train_samples, 1, 1 << 24)
         _range(f"{p}.knn_test_samples", self.knn_test_samples, 1, 1 << 24)
+        if self.knn_split == "train":
+            raise ConfigError(f"{p}.knn_split=train: the monitor's bank is the train split; "
+                              "score it on val (default) or a test split")
         if self.run_name is not None and not SAFE_NAME.fullmatch(self.run_name):
             raise ConfigError(f"{p}.run_name={self.run_name[:80]!r}: use 1-128 letters, digits and "
                               "'._-', starting with a letter or digit (it names a folder and an "
@@ -343,7 +348,29 @@ class Config:
         self.data.validate("data")
         self.tracking.validate("tracking")
         self.ray.validate("ray")
+        self._check_hints()
         return self
+
+    def _check_hints(self) -> None:
+        """AttMask-Hint on a grid too small to reveal any patch is AttMask-High under another
+        name: refuse it, naming the grid and the smallest square grid where it reveals one."""
+        from attmask import masking
+
+        if self.masking.strategy != "attmask_hint":
+            return
+        hint = masking.make_masker("attmask_hint", **self.masking.masker_kwargs())
+        side = self.model.image_size // self.model.patch_size
+        if hint.most_hints(side * side) > 0:
+            return
+        smallest = next((s for s in range(side + 1, 1025) if hint.most_hints(s * s) > 0), None)
+        where = (f"the smallest grid where it reveals one is {smallest} x {smallest}"
+                 if smallest else "no grid reveals one at these settings")
+        raise ConfigError(
+            f"masking.strategy=attmask_hint: on the {side} x {side} patch grid (model.image_size "
+            f"{self.model.image_size} / model.patch_size {self.model.patch_size}) it reveals no "
+            f"patch in any draw (show_max {hint.show_max}, ratio {self.masking.ratio}), so it "
+            f"would equal attmask_high; {where}, or raise "
+            "masking.options.attmask_hint.show_max or num_hints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

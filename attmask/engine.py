@@ -176,6 +176,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
 
+    def seed_step(self, step: int) -> None:
+        """A step's randomness (masks, drop path) depends on (seed, rank, step) alone, so a run
+        resumed from any checkpoint, on any rank, draws exactly what an uninterrupted run draws.
+        Masking and the global stream (drop path) get seeds of their own: one shared seed would
+        make drop path's uniforms the masking ratios' uniforms (the same Philox stream on CUDA,
+        the same Mersenne stream on a CPU)."""
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.rank, step, "global"))
+        self.generator.manual_seed(step_seed(self.cfg.train.seed, self.rank, step, "masking"))
+
     def train_step(self, global_crops: torch.Tensor,
                    local_crops: Optional[torch.Tensor] = None) -> StepMetrics:
         """One optimisation step.
@@ -185,11 +194,7 @@ class Engine:
             local_crops: (L, B, 3, s, s) or None.
         """
         it, cfg, epoch = self.step, self.cfg, self.epoch
-        # A step's randomness (masks, drop path) depends on (seed, rank, step) alone, so a run
-        # resumed from any checkpoint, on any rank, draws exactly what an uninterrupted run draws.
-        seed = step_seed(cfg.train.seed, self.rank, it)
-        torch.manual_seed(seed)
-        self.generator.manual_seed(seed)
+        self.seed_step(it)
         lr, wd, momentum = (float(s[it]) for s in
                             (self.lr_schedule, self.wd_schedule, self.momentum_schedule))
         teacher_temp, teacher_patch_temp = (float(s[min(epoch, len(s) - 1)]) for s in (

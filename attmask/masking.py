@@ -177,6 +177,15 @@ class AttMaskHint(Masker):
             raise ValueError(f"num_hints={num_hints}: must be >= 0 (or None to derive it)")
         self.show_max, self.num_hints = show_max, num_hints
 
+    def most_hints(self, num_patches: int) -> int:
+        """The most patches one draw can reveal on a grid of ``num_patches`` (0: never any, and
+        the strategy is AttMask-High)."""
+        top_count = math.floor(num_patches * self.show_max)
+        if self.num_hints is not None:
+            return min(self.num_hints, top_count)
+        # the ratio draw is uniform on [low, high): floor(P * show_max * r) stays below P * s * high
+        return max(0, math.ceil(num_patches * self.show_max * self.ratio[1] - 1e-9) - 1)
+
     def _select(self, scores, n, grid, batch, device, generator):
         num_patches = grid[0] * grid[1]
         mask = _top_n(scores, n)

@@ -96,7 +96,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return state
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for one (run seed, rank, step); distinct tuples give unrelated seeds."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+def step_seed(seed: int, rank: int, step: int, purpose: str) -> int:
+    """A 63-bit seed for one (run seed, rank, step, purpose); distinct tuples give unrelated
+    seeds. ``purpose`` keeps two generators of one step apart: seeded alike, the masker's
+    generator and the global one (drop path) would draw the same uniforms."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}/{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1

@@ -56,7 +56,8 @@ BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
             "evaluation"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
-             "image_size", "seed", "colours", "num_variant_samples"}
+             "image_size", "seed", "colours", "num_variant_samples", "val_fraction",
+             "val_per_class"}
 EVAL_KEYS = {"suite", "probe_epochs", "max_train", "max_test", "max_attention",
              "finetune_epochs"}
 DONE_TAG = "attmask.benchmark_done"
@@ -107,7 +108,9 @@ class BenchmarkSpec:
                            num_test_samples=d.get("num_test_samples"),
                            per_class=d.get("per_class"), image_size=d.get("image_size"),
                            seed=d.get("seed", 0), colours=d.get("colours", "random"),
-                           num_variant_samples=d.get("num_variant_samples"))
+                           num_variant_samples=d.get("num_variant_samples"),
+                           val_fraction=d.get("val_fraction"),
+                           val_per_class=d.get("val_per_class"))
 
     def eval_options(self) -> EvalOptions:
         e = self.evaluation

@@ -133,7 +133,10 @@ def git_commit(ignore: Optional[Path] = None, root: Optional[Path] = None) -> st
 
 def run_tags(cfg: Config, run_name: str) -> dict[str, str]:
     tags = {RUN_NAME_TAG: run_name, "strategy": cfg.masking.strategy,
-            "framework": cfg.loss.framework, "git_commit": git_commit()}
+            "framework": cfg.loss.framework, "git_commit": git_commit(),
+            "monitor.split": cfg.train.knn_split}
+    if cfg.train.knn_split == "test":  # its online k-NN, and what it steers, read test
+        tags["selected_on"] = "test"
     for pkg in PACKAGES:
         try:
             tags[f"version.{pkg}"] = metadata.version(pkg)

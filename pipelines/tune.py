@@ -264,8 +264,11 @@ def plan(spec: TuneSpec, base: Config) -> str:
              if "grid" in s or (spec.search == "grid" and "choice" in s)]
     trials = spec.num_samples * math.prod(grids)
     sched = spec.scheduler or {}
+    split = base.train.knn_split if spec.metric.startswith(("knn", "student_knn")) else None
     lines = [f"search {spec.search_name}: {trials} trial(s), {spec.search} search, metric "
-             f"{spec.metric} ({spec.mode}), at most {spec.max_concurrent} at a time",
+             f"{spec.metric} ({spec.mode})" + (f" on the {split!r} split" if split else "") +
+             (" (SELECTED ON TEST)" if split == "test" else "") +
+             f", at most {spec.max_concurrent} at a time",
              f"base: {spec.base} with overrides {json.dumps(spec.overrides)}",
              f"scheduler: asha on epochs, grace {sched.get('grace_period', 1)}, reduction "
              f"{sched.get('reduction_factor', 2)}, max_t {sched.get('max_t', base.train.epochs)}"
@@ -415,7 +418,7 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
     best_cfg.train.run_name = None
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path = out_dir / "best_config.yaml"
-    best_path.write_text(best_cfg.to_yaml())
+    best_path.write_text(selection_note(spec, base) + best_cfg.to_yaml())
     (out_dir / "results.csv").write_text(rows_to_csv(rows, spec))
     (out_dir / "metric_vs_params.png").write_bytes(param_plot_png(rows, list(spec.space),
                                                                   spec.metric))
@@ -425,6 +428,16 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
         tracker.log_metrics(parent, {f"best_{spec.metric}": best_row[spec.metric]})
     tracker.finish(parent)
     return TuneResult(search, rows, best_row, best_path, out_dir, parent)
+
+
+def selection_note(spec: TuneSpec, base: Config) -> str:
+    """The comment heading ``best_config.yaml``: which split its metric was measured on."""
+    split = base.train.knn_split if spec.metric.startswith(("knn", "student_knn")) else None
+    where = f"the online k-NN on the {split!r} split" if split else "the training loss"
+    note = f"# Best trial of search {spec.search_name} by {spec.metric} ({spec.mode}), {where}.\n"
+    if split == "test":
+        note += "# SELECTED ON TEST: a figure reported on the test split for this config is optimistic.\n"
+    return note
 
 
 def results_table(grid, spec: TuneSpec) -> list[dict]:

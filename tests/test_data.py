@@ -103,9 +103,10 @@ def test_prepare_synthetic_writes_manifest_and_is_idempotent(synthetic_dir):
     manifest = json.loads((synthetic_dir / MANIFEST).read_text())
     assert manifest["classes"][:3] == ["disk", "square", "triangle"]
     assert manifest["image_size"] == 32 and manifest["has_fg"]
-    assert set(manifest["splits"]) == {"train", "test"} | {f"test_{v}" for v in VARIANTS}
+    assert set(manifest["splits"]) == {"train", "val", "test"} | {f"test_{v}" for v in VARIANTS}
     train = manifest["splits"]["train"]
-    assert train["num_samples"] == 160 and len(train["shards"]) == 8
+    assert train["num_samples"] + manifest["splits"]["val"]["num_samples"] == 160
+    assert len(train["shards"]) == 8
     for shard in train["shards"]:
         assert sha256_file(synthetic_dir / shard["file"]) == shard["sha256"]
     with tarfile.open(synthetic_dir / train["shards"][0]["file"]) as tar:
@@ -120,11 +121,16 @@ def test_prepare_synthetic_writes_manifest_and_is_idempotent(synthetic_dir):
 
 
 def test_prepare_rewrites_when_arguments_change(tmp_path):
-    a = PrepareArgs(source="synthetic", out=str(tmp_path), num_samples=20, num_test_samples=4)
+    a = PrepareArgs(source="synthetic", out=str(tmp_path), num_samples=20, num_test_samples=4,
+                    val_fraction=0)
     prepare_data(a)
     a.num_samples = 30
     manifest, written = prepare_data(a)
     assert written and manifest["splits"]["train"]["num_samples"] == 30
+    a.val_fraction = 0.2
+    manifest, written = prepare_data(a)
+    assert written and manifest["splits"]["val"]["num_samples"] == manifest["val"]["num_samples"]
+    assert manifest["splits"]["train"]["num_samples"] + manifest["val"]["num_samples"] == 30
 
 
 def test_fewer_variant_images_keep_the_test_split_and_the_first_scenes(tmp_path):
@@ -148,7 +154,8 @@ def test_fewer_variant_images_keep_the_test_split_and_the_first_scenes(tmp_path)
 
 def test_failed_prepare_leaves_the_existing_dataset_loadable(tmp_path):
     out = tmp_path / "out"
-    prepare_data(PrepareArgs(source="synthetic", out=str(out), num_samples=20, num_test_samples=4))
+    prepare_data(PrepareArgs(source="synthetic", out=str(out), num_samples=20, num_test_samples=4,
+                             val_fraction=0))
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     src = tmp_path / "src"
@@ -159,7 +166,7 @@ def test_failed_prepare_leaves_the_existing_dataset_loadable(tmp_path):
     np.savez(src / "test.npz", images=rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8),
              labels=np.array([0, 1, -1]))  # a bad label, found while writing the test split
     with pytest.raises(DataError, match="label -1"):
-        prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out)))
+        prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out), val_fraction=0))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost or added
     assert not list(tmp_path.glob(".out.partial-*"))  # no staging leftovers
     dataset = load_dataset(out)
@@ -168,7 +175,8 @@ def test_failed_prepare_leaves_the_existing_dataset_loadable(tmp_path):
     # a successful rewrite replaces the shards but keeps the user's other files
     np.savez(src / "test.npz", images=rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8),
              labels=np.array([0, 1, 2]))
-    manifest, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out)))
+    manifest, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out),
+                                           val_fraction=0))
     assert load_dataset(out).num_samples("train") == 6 and (out / "notes.txt").is_file()
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(
         s["file"] for sp in manifest["splits"].values() for s in sp["shards"])
@@ -188,16 +196,16 @@ def test_npz_source_splits_by_prefix_with_caps_and_per_class(tmp_path):
     write_npz(src, "test.npz", 6)
     write_npz(src, "test_mixed_rand.npz", 5)
     manifest, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src),
-                                           out=str(tmp_path / "out")))
+                                           out=str(tmp_path / "out"), val_fraction=0))
     splits = manifest["splits"]
     assert splits["train"]["num_samples"] == 21 and splits["test"]["num_samples"] == 6
     assert splits["test_mixed_rand"]["num_samples"] == 5 and manifest["image_size"] == 8
     assert manifest["classes"] == ["0", "1", "2"]
     per_class, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), per_class=2,
-                                            out=str(tmp_path / "pc")))
+                                            out=str(tmp_path / "pc"), val_fraction=0))
     assert per_class["splits"]["train"]["num_samples"] == 6
     capped, _ = prepare_data(PrepareArgs(source="npz", from_path=str(src), num_samples=10,
-                                         out=str(tmp_path / "cap")))
+                                         out=str(tmp_path / "cap"), val_fraction=0))
     assert capped["splits"]["train"]["num_samples"] == 10
 
 
@@ -207,7 +215,8 @@ def test_cifar10_from_shared_npz(tmp_path):
                                            out=str(tmp_path), num_samples=200,
                                            num_test_samples=50))
     assert manifest["classes"][0] == "airplane" and manifest["image_size"] == 32
-    assert manifest["splits"]["train"]["num_samples"] == 200
+    assert manifest["splits"]["train"]["num_samples"] == 180  # 10 % of each class held out
+    assert manifest["splits"]["val"]["num_samples"] == 20
     assert manifest["splits"]["test"]["num_samples"] == 50
 
 
@@ -267,12 +276,19 @@ def loader_keys(stream, workers=2, limit=None):
     return keys
 
 
+def train_keys(ds) -> list[str]:
+    """The generated train images' keys minus those held out as val."""
+    held = set(loader_keys(EvalStream(ds, "val", EvalTransform(32), 16), workers=0))
+    total = ds.num_samples("train") + ds.num_samples("val")
+    return [k for k in (f"train{i:07d}" for i in range(total)) if k not in held]
+
+
 def test_eval_stream_every_sample_once_across_ranks_and_workers(synthetic_dir):
     ds = load_dataset(synthetic_dir)
     per_rank = [loader_keys(EvalStream(ds, "train", EvalTransform(32), 16, rank=r,
                                        world_size=2)) for r in range(2)]
     assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"train{i:07d}" for i in range(160))
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(train_keys(ds))
     again = loader_keys(EvalStream(ds, "train", EvalTransform(32), 16, rank=0, world_size=2))
     assert again == per_rank[0]  # deterministic order
 
@@ -284,17 +300,18 @@ def test_train_stream_ranks_and_workers_read_disjoint_shards(synthetic_dir):
         return [loader_keys(TrainStream(ds, "train", transform, 8, rank=r, world_size=2,
                                         shuffle_buffer=buffer), limit=limit) for r in range(2)]
 
-    first_pass = keys(1, 80)  # 8 shards, 2 ranks x 2 workers: 2 shards (40 samples) per reader
-    assert len(set(first_pass[0])) == 80 and not set(first_pass[0]) & set(first_pass[1])
-    assert len(set(first_pass[0]) | set(first_pass[1])) == 160  # together: everything
-    shuffled = keys(16, 240)  # several passes with a shuffle buffer: still disjoint
+    half = ds.num_samples("train") // 2  # 8 shards, 2 ranks x 2 workers: 2 shards per reader
+    first_pass = keys(1, half)
+    assert not set(first_pass[0]) & set(first_pass[1])
+    assert set(first_pass[0]) | set(first_pass[1]) == set(train_keys(ds))  # together: all
+    shuffled = keys(16, 3 * half)  # several passes with a shuffle buffer: still disjoint
     assert not set(shuffled[0]) & set(shuffled[1])
-    assert shuffled[0][:80] != first_pass[0]
+    assert shuffled[0][:half] != first_pass[0]
 
 
 def test_fewer_shards_than_readers_split_by_sample(tmp_path):
     prepare_data(PrepareArgs(source="synthetic", out=str(tmp_path), num_samples=24,
-                             num_test_samples=4, shard_size=12))
+                             num_test_samples=4, shard_size=12, val_fraction=0))
     ds = load_dataset(tmp_path)
     assert len(ds.shard_urls("train")) == 2  # 2 shards, 2 ranks x 2 workers = 4 readers
     per_rank = [loader_keys(EvalStream(ds, "train", EvalTransform(32), 4, rank=r,
@@ -316,7 +333,7 @@ def class_sorted(tmp_path_factory):
     np.savez(root / "src" / "train.npz", images=images, labels=labels)
     np.savez(root / "src" / "test.npz", images=images[:40], labels=labels[:40])
     prepare_data(PrepareArgs(source="npz", from_path=str(root / "src"), out=str(root / "ds"),
-                             shard_size=70))
+                             shard_size=70, val_fraction=0))
     return load_dataset(root / "ds")
 
 

@@ -33,6 +33,22 @@ def test_step_runs_for_every_strategy_and_reports_metrics(strategy):
     assert engine.step == 1
 
 
+def test_masking_draws_and_drop_path_draws_of_one_step_are_independent():
+    """Seeded alike, the masker's generator and the global stream (drop path) drew the same
+    uniforms every step; each now has a seed of its own, still a function of the step alone."""
+    engine = Engine(tiny_config("model.drop_path=0.1"), steps_per_epoch=4)
+    draws = []
+    for _ in range(2):
+        engine.seed_step(7)
+        masking = torch.rand(4096, generator=engine.generator)
+        drop_path = torch.rand(4096)  # what timm's DropPath draws from
+        draws.append((masking, drop_path))
+    (masking, drop_path), again = draws
+    assert torch.equal(masking, again[0]) and torch.equal(drop_path, again[1])  # resume-exact
+    assert not torch.equal(masking, drop_path)
+    assert abs(torch.corrcoef(torch.stack([masking, drop_path]))[0, 1]) < 0.1
+
+
 def test_teacher_attention_drives_attmask_masks():
     engine = Engine(tiny_config("masking.prob=1.0", "masking.ratio=[0.3,0.3]"), steps_per_epoch=4)
     seen = {}

@@ -179,3 +179,24 @@ def test_scores_none_needs_batch_size_and_attention_strategies_need_scores():
 def test_non_square_grid():
     mask = make_masker("block", prob=1.0, ratio=(0.4, 0.4))(None, (6, 10), gen(), batch_size=16)
     assert mask.shape == (16, 60) and (mask.sum(1) <= 24).all()
+
+
+def test_attmask_hint_on_a_grid_that_reveals_nothing_is_an_error_naming_the_smallest_grid():
+    """On a 4 x 4 grid floor(16 x 0.1 x r) = 0 for every ratio draw: Hint would be High."""
+    from attmask.config import load_config
+    from attmask.errors import ConfigError
+
+    hint = make_masker("attmask_hint")
+    assert hint.most_hints(16) == 0 and hint.most_hints(64) == 3
+    with pytest.raises(ConfigError, match=r"4 x 4 patch grid.*smallest grid where it reveals one "
+                                          r"is 5 x 5"):
+        load_config(overrides=["masking.strategy=attmask_hint", "model.image_size=32",
+                               "model.patch_size=8"])
+    load_config(overrides=["masking.strategy=attmask_hint", "model.image_size=32",
+                           "model.patch_size=4"])  # 8 x 8 reveals up to 3
+    load_config(overrides=["masking.strategy=attmask_hint", "model.image_size=32",
+                           "model.patch_size=8", "masking.options.attmask_hint.show_max=0.5"])
+    scores = torch.rand(2000, 16)
+    drawn = hint(scores, (4, 4), torch.Generator().manual_seed(0))
+    high = make_masker("attmask_high")(scores, (4, 4), torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, high)  # what the error prevents: the two strategies are one

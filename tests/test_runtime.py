@@ -23,10 +23,11 @@ def test_precision_resolution_degrades_on_cpu():
     assert resolve_precision("auto", cpu) in ("bf16", "fp32")
 
 
-def test_step_seeds_differ_by_seed_rank_and_step_and_are_stable():
-    seeds = {step_seed(s, r, t) for s in range(3) for r in range(3) for t in range(50)}
-    assert len(seeds) == 450 and all(0 <= x < 2 ** 63 for x in seeds)
-    assert step_seed(1, 2, 3) == step_seed(1, 2, 3)
+def test_step_seeds_differ_by_seed_rank_step_and_purpose_and_are_stable():
+    seeds = {step_seed(s, r, t, p) for s in range(3) for r in range(3) for t in range(50)
+             for p in ("global", "masking")}
+    assert len(seeds) == 900 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert step_seed(1, 2, 3, "masking") == step_seed(1, 2, 3, "masking")
 
 
 def test_device_names_are_checked():

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from attmask.data.holdout import DEFAULT_VAL_FRACTION, Holdout
 from attmask.data.shards import existing_manifest, write_shards
 from attmask.data.sources import (
     SourceSpec,
@@ -37,6 +38,10 @@ class PrepareArgs:
     bg_correlation: float = 0.8
     colours: str = "random"
     num_variant_samples: Optional[int] = None  # synthetic: images per robustness variant
+    # The val split, held out of train: a share of each class (default 10 %), or N per class;
+    # --val-fraction 0 holds out none.
+    val_fraction: Optional[float] = None
+    val_per_class: Optional[int] = None
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -53,6 +58,14 @@ class PrepareArgs:
         if self.num_variant_samples is not None and self.source != "synthetic":
             raise DataError("--num-variant-samples: applies to --source synthetic only (the "
                             "built-in data draws the robustness variants)")
+        if self.val_fraction is not None and self.val_per_class is not None:
+            raise DataError("--val-fraction and --val-per-class: give one of them")
+        if self.val_fraction is not None and not (isinstance(self.val_fraction, (int, float))
+                                                  and 0.0 <= self.val_fraction < 1.0):
+            raise DataError(f"--val-fraction={self.val_fraction}: allowed range is [0, 1) (0 "
+                            "holds out no val split)")
+        if self.val_per_class is not None and self.val_per_class < 1:
+            raise DataError(f"--val-per-class={self.val_per_class}: must be a positive integer")
         if self.source in ("npz", "imagefolder") and not self.from_path:
             raise DataError(f"--source {self.source} needs --from PATH")
         if self.from_path and not Path(self.from_path).exists():
@@ -92,4 +105,12 @@ def prepare_data(a: PrepareArgs) -> tuple[dict, bool]:
     if (old := existing_manifest(a.out, a.source, args)) is not None:
         return old, False
     return write_shards(build_source(a), a.out, source=a.source, args=args,
-                        shard_size=a.shard_size), True
+                        shard_size=a.shard_size, holdout=holdout(a)), True
+
+
+def holdout(a: PrepareArgs) -> Optional[Holdout]:
+    """The val split's rule for these arguments (None: no val split)."""
+    if a.val_per_class is not None:
+        return Holdout(per_class=a.val_per_class, seed=a.seed)
+    fraction = DEFAULT_VAL_FRACTION if a.val_fraction is None else a.val_fraction
+    return Holdout(fraction=fraction, seed=a.seed) if fraction > 0 else None

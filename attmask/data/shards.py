@@ -6,7 +6,9 @@ Layout: ``DIR/<split>-%06d.tar`` holding per sample ``<key>.png|jpg`` (image), `
 
     {"format": "attmask-shards/1", "classes": [...], "image_size": PX,
      "splits": {SPLIT: {"num_samples": N, "shards": [{"file", "num_samples", "sha256"}]}},
-     "source": ..., "args": {...}}
+     "source": ..., "args": {...}, "val": {"from": "train", "fraction" | "per_class", ...}}
+
+``val`` is held out of the training split while it is written (``attmask.data.holdout``).
 
 The manifest is written last, so its presence means the shards are complete; re-running with the
 same arguments finds it and does nothing.
@@ -29,6 +31,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from attmask.data.holdout import VAL_SPLIT, Holdout
 from attmask.data.sources import Sample, SourceSpec
 from attmask.errors import DataError
 
@@ -57,8 +60,9 @@ def existing_manifest(out: str | Path, source: str, args: dict[str, Any]) -> Opt
 
 
 def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[str, Any],
-                 shard_size: Optional[int] = None) -> dict:
-    """Write every split of ``spec`` and then the manifest; returns the manifest.
+                 shard_size: Optional[int] = None, holdout: Optional[Holdout] = None) -> dict:
+    """Write every split of ``spec`` and then the manifest; returns the manifest. With a
+    ``holdout``, the ``val`` split is carved out of ``train`` as it is written.
 
     Everything is written into a staging directory beside ``out`` and swapped in only once the
     whole dataset is complete, so a failure (a bad label, a full disk, an interrupt) leaves the
@@ -74,7 +78,7 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
         raise DataError(f"--out {out}: cannot write beside it ({exc.strerror}: "
                         f"{exc.filename})") from exc
     try:
-        manifest = _write_all(spec, staging, source, args, shard_size)
+        manifest = _write_all(spec, staging, source, args, shard_size, holdout)
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -82,18 +86,29 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
 
 
 def _write_all(spec: SourceSpec, out: Path, source: str, args: dict[str, Any],
-               shard_size: Optional[int]) -> dict:
+               shard_size: Optional[int], holdout: Optional[Holdout]) -> dict:
     splits, has_fg = {}, False
     for split, (count, samples) in spec.splits.items():
         size = shard_size or default_shard_size(count)
-        shards, total, split_fg = _write_split(out, split, samples, size, len(spec.classes))
-        has_fg |= split_fg
-        if total == 0:
-            raise DataError(f"split {split!r} of source {source!r} is empty")
-        splits[split] = {"num_samples": total, "shards": shards}
+        writers = {split: _SplitWriter(out, split, size, len(spec.classes))}
+        if split == "train" and holdout is not None:  # val: carved from train as it streams
+            writers[VAL_SPLIT] = _SplitWriter(out, VAL_SPLIT, size, len(spec.classes))
+        for sample in samples:
+            held = VAL_SPLIT in writers and holdout.take(sample.key, sample.label)
+            writers[VAL_SPLIT if held else split].write(sample)
+        for name, writer in writers.items():
+            writer.close()
+            has_fg |= writer.has_fg
+            if writer.total == 0 and name == VAL_SPLIT:  # too few images to hold any out
+                continue
+            if writer.total == 0:
+                raise DataError(f"split {name!r} of source {source!r} is empty")
+            splits[name] = {"num_samples": writer.total, "shards": writer.shards}
     manifest = {"format": FORMAT, "source": source, "args": args, "classes": spec.classes,
                 "image_size": spec.image_size, "has_fg": has_fg, "splits": splits,
                 "skipped_inputs": spec.skipped}
+    if holdout is not None:
+        manifest["val"] = holdout.record()
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -110,31 +125,39 @@ def _swap_in(staging: Path, out: Path) -> None:
     os.replace(staging / MANIFEST, out / MANIFEST)
 
 
-def _write_split(out: Path, split: str, samples, shard_size: int, num_classes: int):
-    shards, total, writer, current, has_fg = [], 0, None, None, False
+class _SplitWriter:
+    """One split's shards, written as samples arrive; ``close`` seals the last one."""
 
-    def close():
-        if writer is not None:
-            writer.close()
-            shards[-1]["sha256"] = sha256_file(out / shards[-1]["file"])
+    def __init__(self, out: Path, split: str, shard_size: int, num_classes: int) -> None:
+        self.out, self.split, self.shard_size, self.num_classes = out, split, shard_size, num_classes
+        self.shards: list[dict] = []
+        self.total, self.current, self.has_fg = 0, 0, False
+        self.writer = None
 
-    for sample in samples:
-        if not 0 <= sample.label < num_classes:
+    def _seal(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.shards[-1]["sha256"] = sha256_file(self.out / self.shards[-1]["file"])
+            self.writer = None
+
+    def write(self, sample: Sample) -> None:
+        if not 0 <= sample.label < self.num_classes:
             raise DataError(f"sample {sample.key}: label {sample.label} outside the "
-                            f"{num_classes} classes")
-        if writer is None or current >= shard_size:
-            close()
-            name = f"{split}-{len(shards):06d}.tar"
-            writer = wds.TarWriter(str(out / name))
-            shards.append({"file": name, "num_samples": 0, "sha256": None})
-            current = 0
-        writer.write(encode_sample(sample))
-        has_fg |= sample.fg is not None
-        shards[-1]["num_samples"] += 1
-        current += 1
-        total += 1
-    close()
-    return shards, total, has_fg
+                            f"{self.num_classes} classes")
+        if self.writer is None or self.current >= self.shard_size:
+            self._seal()
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.writer = wds.TarWriter(str(self.out / name))
+            self.shards.append({"file": name, "num_samples": 0, "sha256": None})
+            self.current = 0
+        self.writer.write(encode_sample(sample))
+        self.has_fg |= sample.fg is not None
+        self.shards[-1]["num_samples"] += 1
+        self.current += 1
+        self.total += 1
+
+    def close(self) -> None:
+        self._seal()
 
 
 def encode_sample(sample: Sample) -> dict[str, Any]:

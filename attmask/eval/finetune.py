@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +59,44 @@ def finetune(backbone: MaskedViT, train_images: torch.Tensor, train_labels: torc
              seed: int = 0, device: torch.device | None = None) -> dict:
     """Fine-tune a copy of ``backbone`` on normalised ``train_images`` (N, 3, S, S) and score
     top-1 on ``test_batches`` (EvalStream layout). The backbone passed in is left unchanged."""
+    tuned = train_finetune(backbone, train_images, train_labels, num_classes, epochs=epochs,
+                           lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
+                           batch_size=batch_size, seed=seed, device=device)
+    return {"top1": tuned.score(test_batches), "epochs": epochs, "steps": tuned.steps,
+            "train_images": len(train_images), "lr": lr, "layer_decay": layer_decay,
+            "last_loss": tuned.last_loss}
+
+
+@dataclass
+class FineTuned:
+    model: MaskedViT
+    head: nn.Linear
+    steps: int
+    last_loss: float
+
+    @torch.no_grad()
+    def score(self, batches) -> float:
+        """Top-1 over ``batches`` (EvalStream layout)."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        correct = seen = 0
+        for batch in batches:
+            logits = self.head(self.model.cls_features(batch["image"].to(device)))
+            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+            seen += len(batch["label"])
+        return correct / max(seen, 1)
+
+
+def train_finetune(backbone: MaskedViT, train_images: torch.Tensor, train_labels: torch.Tensor,
+                   num_classes: int, *, epochs: int = 3, lr: float = 1e-3,
+                   layer_decay: float = 0.75, weight_decay: float = 0.05, batch_size: int = 64,
+                   seed: int = 0, device: torch.device | None = None) -> FineTuned:
+    """The training half of :func:`finetune`: a fine-tuned copy of ``backbone`` and its head."""
     device = device or next(backbone.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # head init, drop path and the crops
     model = copy.deepcopy(backbone).to(device).train()
+    model.requires_grad_(True)
     head = nn.Linear(model.embed_dim, num_classes).to(device)
     nn.init.trunc_normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
@@ -81,19 +116,11 @@ def finetune(backbone: MaskedViT, train_images: torch.Tensor, train_labels: torc
                 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"] * factor
-            logits = head(model.cls_features(images))
-            loss = F.cross_entropy(logits, train_labels[idx].to(device), label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():  # also when a caller evaluates under no_grad
+                logits = head(model.cls_features(images))
+                loss = F.cross_entropy(logits, train_labels[idx].to(device), label_smoothing=0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             step += 1
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for batch in test_batches:
-            logits = head(model.cls_features(batch["image"].to(device)))
-            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-            seen += len(batch["label"])
-    return {"top1": correct / max(seen, 1), "epochs": epochs, "steps": step,
-            "train_images": len(train_images), "lr": lr, "layer_decay": layer_decay,
-            "last_loss": float(loss.detach())}
+    return FineTuned(model, head, step, float(loss.detach()))

@@ -68,10 +68,11 @@ class MaskedViT(VisionTransformer):
         """How many blocks' [CLS] tokens :meth:`cls_features` can concatenate."""
         return len(self.blocks)
 
-    @torch.no_grad()
     def cls_features(self, images: torch.Tensor, n_last_blocks: int = 1) -> torch.Tensor:
         """Concatenated [CLS] tokens of the last ``n_last_blocks`` blocks, each through the final
-        norm (DINO's ``get_intermediate_layers`` protocol for k-NN and linear probes)."""
+        norm (DINO's ``get_intermediate_layers`` protocol for k-NN and linear probes). Keeps the
+        autograd graph, so fine-tuning trains through it; frozen-feature callers wrap it in
+        ``torch.no_grad()`` (:func:`attmask.eval.features.extract_features`)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
         outputs = []
         for i, block in enumerate(self.blocks):
