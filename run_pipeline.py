@@ -165,7 +165,7 @@ def cmd_benchmark(args) -> int:
         print("dry run: every run's config is valid; nothing was trained")
         return 0
     result = run_benchmark(spec, address=args.address, report_root=report_root,
-                           fault=args.inject_fault)
+                           fault=args.inject_fault, allow_mixed_code=args.allow_mixed_code)
     for r in result.failed:
         print(f"error: run {r.run_name} failed: {r.error}", file=sys.stderr)
     print(f"done in {result.wall_s:.0f}s: {result.report_md}, {result.report_html}; MLflow "
@@ -343,6 +343,8 @@ def build_parser() -> Parser:
     p.add_argument("--strategies", metavar="random,attmask_high",
                    help="strategies instead of the preset's (finished runs are kept)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    p.add_argument("--allow-mixed-code", action="store_true",
+                   help="pair new runs with finished runs that other code trained")
     add_fault_arg(p)
     p.set_defaults(func=cmd_benchmark)
 

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +51,7 @@ from pipelines.report import (
     metric_values,
     takeaways,
 )
-from pipelines.tracking import RUN_NAME_TAG, Tracker, git_commit
+from pipelines.tracking import RUN_NAME_TAG, Tracker, code_digest, git_commit
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
@@ -232,6 +233,7 @@ class BenchmarkResult:
 
 def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
                   report_root: str | Path = REPORT_ROOT, fault: Optional[FaultInjection] = None,
+                  allow_mixed_code: bool = False,
                   log: Callable[[str], None] = print) -> BenchmarkResult:
     from attmask.data.prepare import prepare_data
     from pipelines.ray_session import ray_session
@@ -239,11 +241,13 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     start = time.perf_counter()
     report_dir = Path(report_root) / spec.name
     commit = git_commit(ignore=report_dir)  # the code these runs run, before any report is written
+    first = next(iter(spec.configs.values()))
+    tracker = Tracker.connect(first)  # an unreachable store fails before any data is written
+    if not allow_mixed_code:
+        check_same_code(spec, tracker, report_dir, code_digest())
     if (prepare := spec.prepare_args()) is not None:
         _, written = prepare_data(prepare)
         log(f"data: {'prepared' if written else 'reused'} {prepare.out}")
-    first = next(iter(spec.configs.values()))
-    tracker = Tracker.connect(first)
     runs: list[RunRecord] = []
     workers = math.ceil(first.ray.num_workers * first.ray.cpus_per_worker)
     with ray_session(address, num_cpus=workers):
@@ -251,7 +255,7 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
                                   tags={"kind": "benchmark", "benchmark": spec.name})
         for (strategy, seed), cfg in spec.configs.items():
             runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
-                                 log))
+                                 log, commit))
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
                 make_report(spec, runs, time.perf_counter() - start, report_root,
                             commit).write(report_dir)
@@ -263,13 +267,40 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     return BenchmarkResult(runs, md, page, parent, wall)
 
 
+def check_same_code(spec: BenchmarkSpec, tracker: Tracker, report_dir: Path, code: str) -> None:
+    """Refuse to pair new runs with finished runs of this benchmark that other code trained: a
+    paired difference would then mix a code change into the strategies' difference."""
+    for (strategy, seed), cfg in spec.configs.items():
+        name = cfg.train.run_name
+        found = tracker.find_run({RUN_NAME_TAG: name, DONE_TAG: "true"})
+        if found is not None:
+            theirs, commit = (found.data.tags.get("code_digest", ""),
+                              found.data.tags.get("git_commit", "unknown"))
+        else:
+            try:
+                saved = json.loads((report_dir / "runs" / f"{strategy}-s{seed}" / RECORD_FILE)
+                                   .read_text())
+            except (OSError, ValueError):
+                continue
+            if saved.get("run_name") != name:
+                continue
+            theirs, commit = saved.get("code_digest", ""), saved.get("commit") or "unknown"
+        if theirs != code:
+            raise UserError(
+                f"benchmark {spec.name}: finished run {name} was trained by other code (code "
+                f"{theirs or 'not recorded'}, commit {commit}) than this checkout's (code "
+                f"{code}); pairing them would mix a code change into the comparison: use a new "
+                "--reports folder, or --allow-mixed-code to pair them anyway")
+
+
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,
              parent: str, report_dir: Path, fault: Optional[FaultInjection],
-             log: Callable[[str], None]) -> RunRecord:
+             log: Callable[[str], None], commit: str = "unknown") -> RunRecord:
     from pipelines.evaluate import run_evaluate
     from pipelines.pretrain import run_pretrain
 
-    record = RunRecord(strategy, seed, cfg.train.run_name)
+    record = RunRecord(strategy, seed, cfg.train.run_name, commit=commit,
+                       code_digest=code_digest())
     out = report_dir / "runs" / f"{strategy}-s{seed}"
     if _reuse_finished(tracker, record):
         _carry_run(tracker, record, out)
@@ -336,6 +367,8 @@ def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
     record.images_per_s = float(run.data.tags.get("cost.images_per_s", 0))
     record.device = run.data.tags.get("cost.device", "")
     record.model_version = run.data.tags.get("model_version", "")
+    record.commit = run.data.tags.get("git_commit", "")
+    record.code_digest = run.data.tags.get("code_digest", "")
     record.knn_history = _knn_history(tracker, run_id)
     return True
 
@@ -391,6 +424,8 @@ def _reuse_record(out: Path, record: RunRecord) -> bool:
     record.images_per_s = float(saved.get("images_per_s", 0))
     record.device = saved.get("device", "")
     record.model_version = saved.get("model_version", "")
+    record.commit = saved.get("commit", "")
+    record.code_digest = saved.get("code_digest", "")
     overlay = out / "attention_overlay.png"
     record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
     record.skipped = True
@@ -415,6 +450,16 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
         f"{first.train.epochs} epochs, masking ratio {first.masking.ratio} with probability "
         f"{first.masking.prob}. Accuracies in %, mean ± std over seeds.",
     ]
+    trained_by = Counter(f"{r.commit or 'not recorded'} (code {r.code_digest or '?'})"
+                         for r in runs if not r.error)
+    intro.append("Trained by: " + "; ".join(f"commit {k}: {n} run(s)" for k, n in
+                                            trained_by.items()) +
+                 (" -- MIXED CODE: the paired differences include the code change (run with "
+                  "--allow-mixed-code)." if len({r.code_digest for r in runs if not r.error}) > 1
+                  else "."))
+    if first.train.knn_split == "test":
+        intro.append("SELECTED ON TEST: the runs' online k-NN monitor read the test split "
+                     "(train.knn_split=test), so anything chosen by it is optimistic on test.")
     if spec.smoke:
         intro.append("SMOKE SCALE: a budget of minutes on a small CPU, to show that every stage "
                      "works end to end, whether the features learn (the gain over init above) "

@@ -53,6 +53,8 @@ class RunRecord:
     skipped: bool = False  # finished earlier (in MLflow or the report folder), not rerun
     overlay_png: Optional[bytes] = None
     model_version: str = ""  # the teacher backbone in MLflow's registry: NAME/VERSION
+    commit: str = ""  # the checkout that trained it (git_commit), "" for records before it was kept
+    code_digest: str = ""  # hash of the library code that trained it (tracking.code_digest)
 
     @property
     def eval_s(self) -> float:

@@ -3,6 +3,7 @@ which every pipeline talks to MLflow, and a logger that never blocks the trainin
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import queue
@@ -131,9 +132,21 @@ def git_commit(ignore: Optional[Path] = None, root: Optional[Path] = None) -> st
     return head + ("+changes" if dirty.strip() else "")
 
 
+def code_digest() -> str:
+    """A hash of the library code that trains and evaluates a run (every ``attmask/*.py``, by
+    path and content): two runs with one digest ran the same code, whatever the commit says
+    (a commit with uncommitted changes, or one that only touched docs)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted((root / "attmask").rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def run_tags(cfg: Config, run_name: str) -> dict[str, str]:
     tags = {RUN_NAME_TAG: run_name, "strategy": cfg.masking.strategy,
             "framework": cfg.loss.framework, "git_commit": git_commit(),
+            "code_digest": code_digest(),
             "monitor.split": cfg.train.knn_split}
     if cfg.train.knn_split == "test":  # its online k-NN, and what it steers, read test
         tags["selected_on"] = "test"

@@ -27,7 +27,7 @@ def colour_data(tmp_path_factory):
         noise = rng.integers(-15, 16, (n, 32, 32, 3))
         images = np.clip(COLOURS[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
         np.savez(src / f"{split}.npz", images=images, labels=labels)
-    prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out)))
+    prepare_data(PrepareArgs(source="npz", from_path=str(src), out=str(out), val_per_class=5))
     return load_dataset(out)
 
 
@@ -53,7 +53,7 @@ def test_monitor_scores_separable_features_perfectly_on_a_fixed_stratified_subse
     assert [monitor.due(e) for e in range(5)] == [False, True, False, True, True]
     assert monitor(MeanColour())["knn_top1"] == 1.0
     keys = dict(monitor._keys)
-    assert len(keys["train"]) == 30 and len(keys["test"]) == 12
+    assert len(keys["train"]) == 30 and len(keys["val"]) == 12
     unrelated = monitor(MeanColour(noise=True))
     assert monitor._keys == keys  # the same images at every call
     assert unrelated["knn_top1"] < 0.7  # features unrelated to the image: near chance (1/3)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The paper's three claims at small scale, as paired benchmarks (README in this folder).
+# Resumable: every finished run leaves a record under docs/results/<preset>/, and rerunning this
+# script continues from them (and from the latest checkpoint of an interrupted run). Seeds are
+# added one round at a time, every budget per round, so a stop leaves complete pairs.
+#   bash studies/paper-claims/run.sh [LAST_SEED] [STRATEGIES]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+last=${1:-4}
+strategies=${2:-random,attmask_high}
+for seed in $(seq 0 "$last"); do
+  for preset in claims-150 claims-300 claims-600 claims-robustness; do
+    python run_pipeline.py benchmark --preset "$preset" --reports docs/results \
+      --seeds "0-$seed" --strategies "$strategies"
+  done
+done
