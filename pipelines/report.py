@@ -25,13 +25,17 @@ from attmask.eval.results import (
 )
 from attmask.eval.stats import (
     PairedDifference,
+    cochran_q,
+    holm,
     images_for_half_width,
+    normal_p,
     paired_difference,
     paired_hits,
     proportion_difference,
-    seeds_for_half_width,
+    seeds_for_half_width_range,
     split_spread,
     t_quantile,
+    two_way_difference,
 )
 
 FEWSHOT = ["1", "5", "10", "20"]
@@ -111,6 +115,18 @@ def hits_difference(arm: dict, reference: dict) -> Optional[tuple[PairedDifferen
     return paired_hits(a[0], b[0]), float((a[0] != b[0]).mean())
 
 
+def two_way_hits(pairs: list[tuple[dict, dict]]) -> Optional[PairedDifference]:
+    """The k-NN difference over seeds and test images (stats.two_way_difference) from each
+    seed's (arm, reference) per-image hits; None unless every one has hits on the same images."""
+    rows = []
+    for arm, reference in pairs:
+        a, b = knn_hits(arm), knn_hits(reference)
+        if a is None or b is None or a[1] != b[1] or (rows and a[1] != rows[0][1]):
+            return None
+        rows.append((a[0].astype(float) - b[0].astype(float), a[1]))
+    return two_way_difference(np.stack([r for r, _ in rows])) if len(rows) >= 2 else None
+
+
 PAIRED_METRICS = [("k-NN top-1", KNN_TOP1), ("linear top-1", LINEAR_TOP1), ("BG-gap", BG_GAP)]
 GAIN_WORDS = {"better": "above init", "worse": "below init",
               "not distinguishable at this budget": "not distinguishable from init"}
@@ -152,14 +168,16 @@ class Rows:
         return out
 
     def gain_interval(self, strategy: str) -> Optional[PairedDifference]:
-        """k-NN top-1 gain over init with its 95 % interval: over seeds where there are two or
-        more, else from the test images' sampling error (one run against its own init, image by
-        image where both kept their hits)."""
+        """k-NN top-1 gain over init with its 95 % interval: over seeds and the shared test
+        images where there are two or more seeds with per-image hits, over seeds alone where
+        the hits are missing, else from the test images' sampling error (one run against its
+        own init, image by image where both kept their hits)."""
         pairs = [(r, v, i) for r in self.strategies[strategy]
                  if (v := lookup(r.results, KNN_TOP1)) is not None
                  and (i := lookup(self.init_by_seed.get(r.seed, {}), KNN_TOP1)) is not None]
         if len(pairs) >= 2:
-            return paired_difference([v for _, v, _ in pairs], [i for _, _, i in pairs])
+            both = two_way_hits([(r.results, self.init_by_seed[r.seed]) for r, _, _ in pairs])
+            return both or paired_difference([v for _, v, _ in pairs], [i for _, _, i in pairs])
         if len(pairs) == 1:
             run, value, init = pairs[0]
             if (by_image := hits_difference(run.results, self.init_by_seed[run.seed])):
@@ -177,6 +195,11 @@ class Rows:
         seeds = sorted(set(ref) & set(arm))
         if not seeds:
             return None
+        if path == KNN_TOP1 and len(seeds) >= 2:
+            results = {r.seed: r.results for r in self.strategies[strategy]}
+            refs = {r.seed: r.results for r in self.strategies[reference]}
+            if (both := two_way_hits([(results[s], refs[s]) for s in seeds])) is not None:
+                return both
         return paired_difference([arm[s] for s in seeds], [ref[s] for s in seeds])
 
     def per_seed(self, strategy: str, reference: str
@@ -223,20 +246,32 @@ def paired_table(rows: Rows, strategies: list[str], reference: str = "random") -
             interval = ("—" if d.low is None else
                         f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
             needed = "—"
-            if d.std is not None:
-                n = seeds_for_half_width(d.std, RESOLUTION)
-                needed = str(n) if n is not None else "> 1000"
+            if d.std is not None and d.n >= 2:
+                needed = seeds_needed(d.std, d.n)
             body.append([s, label, str(d.n), f"{100 * d.mean:+.1f}", interval, d.verdict, needed])
     if not body:
         return None
     return Table(f"Strategy vs {reference}, paired over seeds (points)",
                  ["strategy", "metric", "seeds", "mean difference", "95 % interval", "verdict",
-                  f"seeds for ±{100 * RESOLUTION:.1f}"],
-                 body, "Per seed both arms start from identical weights and see the same samples; "
-                       "the interval is Student t on the per-seed differences (n - 1 degrees of "
-                       "freedom). An interval containing 0 is not distinguishable at this budget. "
-                       f"Last column: seeds that would narrow the interval to ±{100 * RESOLUTION:.1f}"
-                       " points at the spread observed here.")
+                  f"seeds for ±{100 * RESOLUTION:.1f} (estimate, range)"],
+                 body, "Per seed both arms start from identical weights and see the same samples. "
+                       "k-NN intervals are two-way where every seed kept per-image hits: the "
+                       "per-image differences as seed + test image + residual random effects "
+                       "(two-way ANOVA, Satterthwaite t), so they include the sampling error of "
+                       "the one test set every seed shares; the other metrics' intervals are "
+                       "Student t on the per-seed differences (n - 1 degrees of freedom), which "
+                       "leaves that error out. An interval containing 0 is not distinguishable "
+                       f"at this budget. Last column: seeds that would narrow the interval to "
+                       f"±{100 * RESOLUTION:.1f} points at the spread observed here, an "
+                       "estimate: in brackets the same at the ends of that spread's 95 % "
+                       "interval.")
+
+
+def seeds_needed(std: float, n: int) -> str:
+    """'N (low-high)': seeds for the resolution at the observed spread and its 95 % range."""
+    at, low, high = seeds_for_half_width_range(std, n, RESOLUTION)
+    fmt = lambda v: "> 1000" if v is None else str(v)  # noqa: E731
+    return f"{fmt(at)} ({fmt(low)}-{fmt(high)})"
 
 
 def per_seed_table(rows: Rows, strategies: list[str], reference: str = "random"
@@ -251,20 +286,31 @@ def per_seed_table(rows: Rows, strategies: list[str], reference: str = "random"
         if s == reference:
             continue
         per_seed = rows.per_seed(s, reference)
+        adjusted = holm([normal_p(d) for _, d, _ in per_seed])
         body += [[s, str(seed), f"{100 * d.mean:+.2f}",
-                  f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]", f"{100 * discordant:.1f}"]
-                 for seed, d, discordant in per_seed]
+                  f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]", f"{p:.3f}",
+                  f"{100 * discordant:.1f}"]
+                 for (seed, d, discordant), p in zip(per_seed, adjusted)]
         if len(per_seed) >= 2:
             notes.append(_spread_note(s, [d for _, d, _ in per_seed],
                                       int(lookup(rows.strategies[s][0].results, KNN_N) or 0)))
+            notes.append(_heterogeneity_note(s, [d for _, d, _ in per_seed]))
     if not body:
         return None
     return Table(f"Strategy vs {reference}, per seed: k-NN top-1 on the same test images (points)",
                  ["strategy", "seed", "difference", "95 % interval from the test images",
-                  "right in one, wrong in the other (%)"], body,
+                  "Holm-adjusted p", "right in one, wrong in the other (%)"], body,
                  "Each row holds both trained networks of one seed fixed: its interval is the "
                  "test images' sampling error alone (normal approximation on the per-image "
-                 "differences), not a verdict on the strategies. " + " ".join(notes))
+                 "differences), not a verdict on the strategies; its p-value is adjusted for "
+                 "the seeds tested together (Holm). " + " ".join(notes))
+
+
+def _heterogeneity_note(strategy: str, per_seed: list[PairedDifference]) -> str:
+    q, p = cochran_q(per_seed)
+    same = "consistent with one true difference" if p >= 0.05 else "differ beyond their noise"
+    return (f"{strategy}: Cochran's Q = {q:.1f} on {len(per_seed) - 1} degrees of freedom "
+            f"(p = {p:.3f}): the seeds' differences are {same}.")
 
 
 def _spread_note(strategy: str, per_seed: list[PairedDifference], images: int) -> str:
@@ -289,9 +335,10 @@ def takeaways(rows: Rows, strategies: list[str]) -> list[str]:
     judged = [(s, d) for s in strategies if (d := rows.gain_interval(s)) is not None]
     if judged:
         basis = {d.basis for _, d in judged}
-        where = ("over seeds" if basis == {"seeds"} else
-                 "from the test images' sampling error alone (one seed)" if basis == {"test images"}
-                 else "over seeds, or from the test images alone where a strategy has one seed")
+        words = {"seeds x test images": "over seeds and the shared test images",
+                 "seeds": "over seeds alone",
+                 "test images": "from the test images' sampling error alone (one seed)"}
+        where = " or ".join(words[b] for b in sorted(basis, key=list(words).index))
         lines.append("Learning: k-NN top-1 gain over the untrained network of the same seed "
                      f"(points, 95 % interval {where}): "
                      + "; ".join(f"{s} {100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"

@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
-from attmask.eval.results import encode_hits
-from attmask.eval.stats import t_quantile
+from attmask.eval.results import KNN_TOP1, encode_hits
+from attmask.eval.stats import paired_difference, t_quantile
 from pipelines.report import (
     Rows,
     RunRecord,
@@ -52,8 +53,9 @@ def test_paired_table_has_the_known_interval():
     assert knn[:4] == ["attmask_high", "k-NN top-1", "3", "+2.0"]
     assert knn[4] == f"[{2 - half:+.1f}, {2 + half:+.1f}]"
     assert knn[5] == "not distinguishable at this budget"
-    # spread 1 point per seed: n seeds with t(n-1) / sqrt(n) <= 1.5, i.e. 5 (2.776 / 2.236)
-    assert knn[6] == "5"
+    # spread 1 point per seed: n seeds with t(n-1) / sqrt(n) <= 1.5, i.e. 5 (2.776 / 2.236); an
+    # estimate from 3 seeds: the spread's 95 % chi-square interval [0.52, 6.28] gives 3 to 70
+    assert knn[6] == "5 (3-70)"
     linear = next(row for row in table.rows if row[1] == "linear top-1")
     assert linear[3] == "+0.0" and linear[4] == "[+0.0, +0.0]"
     better = paired_table(Rows.of(runs_with([0.05, 0.051, 0.049]), STRATEGIES), STRATEGIES)
@@ -159,7 +161,13 @@ def test_per_seed_differences_are_measured_image_by_image():
     se0 = np.r_[np.ones(30), np.zeros(970)].std(ddof=1) / math.sqrt(1000)
     half = 1.959964 * se0
     assert table.rows[0][3] == f"[{100 * (0.03 - half):+.2f}, {100 * (0.03 + half):+.2f}]"
-    assert [row[4] for row in table.rows] == ["3.0", "1.0"]
+    assert [row[5] for row in table.rows] == ["3.0", "1.0"]
+    p = [2 * norm.sf(0.03 / se0), 2 * norm.sf(0.01 / (np.r_[-np.ones(10), np.zeros(990)]
+                                                     .std(ddof=1) / math.sqrt(1000)))]
+    smaller, larger = sorted(p)  # Holm: the smaller p times 2, the larger times 1 (monotone)
+    holm = {smaller: min(1, 2 * smaller), larger: max(min(1, 2 * smaller), larger)}
+    assert [row[4] for row in table.rows] == [f"{holm[v]:.3f}" for v in p]
+    assert "Cochran's Q" in table.note and "differ beyond their noise" in table.note
     # the note splits the spread: std of (+3, -1) is 2.83 points, the images explain ~0.45
     se1 = np.r_[-np.ones(10), np.zeros(990)].std(ddof=1) / math.sqrt(1000)
     test = math.sqrt((se0 ** 2 + se1 ** 2) / 2)
@@ -191,3 +199,21 @@ def test_one_seed_gain_over_init_is_measured_image_by_image_where_recorded():
     se = np.r_[np.ones(40), np.zeros(960)].std(ddof=1) / math.sqrt(1000)
     assert (f"random +4.0 [{100 * (0.04 - 1.959964 * se):+.1f}, "
             f"{100 * (0.04 + 1.959964 * se):+.1f}] above init") in line
+
+
+def test_k_nn_intervals_over_seeds_include_the_shared_test_images():
+    """With per-image hits on one test set, the gain over init and the paired k-NN difference
+    are two-way (seeds x test images), and wider than the seeds-alone interval when the seeds
+    agree: they add the error of the one test set every seed is read on."""
+    runs = [with_hits(record(strategy, seed, 0, 0.5), right, init_right=400 + seed)
+            for strategy, seed, right in (("random", 0, 420), ("attmask_high", 0, 440),
+                                          ("random", 1, 421), ("attmask_high", 1, 441),
+                                          ("random", 2, 422), ("attmask_high", 2, 442))]
+    rows = Rows.of(runs, STRATEGIES)
+    gain = rows.gain_interval("attmask_high")
+    assert gain.basis == "seeds x test images" and gain.mean == pytest.approx(0.04)
+    diff = rows.paired("attmask_high", "random", KNN_TOP1)
+    assert diff.basis == "seeds x test images" and diff.mean == pytest.approx(0.02)
+    seeds_alone = paired_difference([0.44, 0.441, 0.442], [0.42, 0.421, 0.422])
+    assert seeds_alone.high - seeds_alone.low < 1e-9 < diff.high - diff.low
+    assert "over seeds and the shared test images" in takeaways(rows, STRATEGIES)[0]

@@ -11,6 +11,14 @@ error alone. :func:`split_spread` then tells how much of the seed-to-seed spread
 explains, so a reader knows whether more seeds or more test images would narrow a comparison.
 Results that lack per-image hits fall back to :func:`proportion_difference`, which bounds the
 difference of two accuracies on the same images as if they were independent.
+
+Seeds that share one test set share its sampling error: an interval over seeds alone leaves it
+out (every seed gains on the same easy images). :func:`two_way_difference` models each per-image
+difference as ``mu + seed effect + image effect + residual`` (a crossed random-effects design,
+balanced: every seed on every image) and gives the mean its variance from both factors,
+``sigma_seed^2 / S + sigma_image^2 / N + sigma_residual^2 / (S N)``, estimated from the two-way
+ANOVA mean squares, with a Satterthwaite Student-t (Searle, Casella & McCulloch, *Variance
+Components*, 1992, ch. 4; Satterthwaite, Biometrics Bulletin 2, 1946).
 """
 from __future__ import annotations
 
@@ -59,7 +67,10 @@ def t_quantile(confidence: float, df: int) -> float:
 
 def paired_difference(arm: Sequence[float], reference: Sequence[float],
                       confidence: float = 0.95) -> PairedDifference:
-    """Mean of ``arm[i] - reference[i]`` over seeds with its ``confidence`` interval."""
+    """Mean of ``arm[i] - reference[i]`` over seeds with its ``confidence`` interval (scipy's
+    paired t-test: Student t on the differences, n - 1 degrees of freedom)."""
+    from scipy.stats import ttest_rel
+
     if len(arm) != len(reference):
         raise ValueError(f"paired samples differ in length: {len(arm)} vs {len(reference)}")
     if not arm:
@@ -68,10 +79,76 @@ def paired_difference(arm: Sequence[float], reference: Sequence[float],
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDifference(1, mean, None, None)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    half = t_quantile(confidence, len(diffs) - 1) * se
-    return PairedDifference(len(diffs), mean, mean - half, mean + half, statistics.stdev(diffs),
-                            se=se)
+    std = statistics.stdev(diffs)
+    if std == 0:  # scipy returns nan for identical differences; the interval is the point
+        return PairedDifference(len(diffs), mean, mean, mean, 0.0, se=0.0)
+    ci = ttest_rel(arm, reference).confidence_interval(confidence)
+    return PairedDifference(len(diffs), mean, float(ci.low), float(ci.high), std,
+                            se=std / math.sqrt(len(diffs)))
+
+
+def two_way_difference(diffs: np.ndarray, confidence: float = 0.95) -> PairedDifference:
+    """Mean of per-image differences ``diffs[seed, image]`` (S seeds on the same N test
+    images) with an interval that counts both the seeds' and the shared test images' sampling
+    error (module docstring). ``basis`` is ``"seeds x test images"``; ``std`` is that of the
+    per-seed means, as for :func:`paired_difference`."""
+    from scipy.stats import t
+
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
+        raise ValueError(f"diffs of shape {d.shape}: need (seeds >= 2, images >= 2)")
+    S, N = d.shape
+    grand, by_seed, by_image = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_seed = N * ((by_seed - grand) ** 2).sum() / (S - 1)
+    ms_image = S * ((by_image - grand) ** 2).sum() / (N - 1)
+    resid = d - by_seed[:, None] - by_image[None, :] + grand
+    ms_resid = (resid ** 2).sum() / ((S - 1) * (N - 1))
+    # E[ms_seed] = N s_a^2 + s_e^2, E[ms_image] = S s_b^2 + s_e^2, E[ms_resid] = s_e^2
+    terms = [(ms_seed, S - 1), (ms_image, N - 1), (-ms_resid, (S - 1) * (N - 1))]
+    total = sum(ms for ms, _ in terms)
+    floor = max(ms_seed, ms_image, ms_resid)  # a negative variance estimate is no estimate
+    if total < floor / 2:
+        total, terms = floor, [(floor, S - 1)]
+    var = total / (S * N)
+    df = total ** 2 / sum(ms ** 2 / dof for ms, dof in terms) if total > 0 else S - 1
+    se = math.sqrt(var)
+    half = float(t.ppf(0.5 + confidence / 2, max(df, 1.0))) * se
+    mean = float(grand)
+    return PairedDifference(S, mean, mean - half, mean + half, float(by_seed.std(ddof=1)),
+                            basis="seeds x test images", se=se)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm, Scand. J. Statistics 6, 1979): adjusted p-values in
+    the input order; reject where adjusted p < alpha, with the family-wise error at alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def normal_p(d: PairedDifference) -> float:
+    """Two-sided p-value of one difference measured on the test images (normal)."""
+    from scipy.stats import norm
+
+    if not d.se:
+        return 0.0 if d.mean else 1.0
+    return float(2 * norm.sf(abs(d.mean) / d.se))
+
+
+def cochran_q(per_seed: Sequence[PairedDifference]) -> tuple[float, float]:
+    """Cochran's Q test that the per-seed differences share one true value (Cochran,
+    Biometrics 10, 1954): (Q, p-value) with S - 1 degrees of freedom, inverse-variance weights."""
+    from scipy.stats import chi2
+
+    if len(per_seed) < 2 or any(not d.se for d in per_seed):
+        raise ValueError("need two or more per-seed differences with standard errors")
+    w = np.array([1 / d.se ** 2 for d in per_seed])
+    x = np.array([d.mean for d in per_seed])
+    q = float((w * (x - (w * x).sum() / w.sum()) ** 2).sum())
+    return q, float(chi2.sf(q, len(per_seed) - 1))
 
 
 def _z(confidence: float) -> float:
@@ -139,6 +216,22 @@ def seeds_for_half_width(diffs_std: float, target: float, confidence: float = 0.
         if t_quantile(confidence, n - 1) * diffs_std / math.sqrt(n) <= target:
             return n
     return None
+
+
+def seeds_for_half_width_range(diffs_std: float, n: int, target: float,
+                               confidence: float = 0.95, max_seeds: int = 1000
+                               ) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """Seeds needed for ``target``, as an estimate: (at the observed spread, at the low and at
+    the high end of that spread's 95 % chi-square interval from ``n`` seeds). None: more than
+    ``max_seeds``."""
+    from scipy.stats import chi2
+
+    if n < 2:
+        raise ValueError(f"n={n}: a spread needs two or more seeds")
+    low = diffs_std * math.sqrt((n - 1) / chi2.ppf(0.975, n - 1))
+    high = diffs_std * math.sqrt((n - 1) / chi2.ppf(0.025, n - 1))
+    return tuple(seeds_for_half_width(s, target, confidence, max_seeds)
+                 for s in (diffs_std, low, high))
 
 
 def images_for_half_width(split: SpreadSplit, seeds: int, images: int, target: float,
