@@ -268,29 +268,42 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
 
 
 def check_same_code(spec: BenchmarkSpec, tracker: Tracker, report_dir: Path, code: str) -> None:
-    """Refuse to pair new runs with finished runs of this benchmark that other code trained: a
-    paired difference would then mix a code change into the strategies' difference."""
+    """Refuse to pair runs that different code trained: a paired difference would then mix a
+    code change into the strategies' difference. Finished runs must share one code digest, and
+    where runs are still to train, it must be this checkout's (a benchmark whose runs are all
+    finished only rebuilds its report, with whatever report code this checkout has)."""
+    finished: dict[str, tuple[str, str]] = {}  # run name -> (code digest, commit)
+    pending = []
     for (strategy, seed), cfg in spec.configs.items():
         name = cfg.train.run_name
         found = tracker.find_run({RUN_NAME_TAG: name, DONE_TAG: "true"})
         if found is not None:
-            theirs, commit = (found.data.tags.get("code_digest", ""),
+            finished[name] = (found.data.tags.get("code_digest", ""),
                               found.data.tags.get("git_commit", "unknown"))
+            continue
+        try:
+            saved = json.loads((report_dir / "runs" / f"{strategy}-s{seed}" / RECORD_FILE)
+                               .read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("run_name") == name:
+            finished[name] = (saved.get("code_digest", ""), saved.get("commit") or "unknown")
         else:
-            try:
-                saved = json.loads((report_dir / "runs" / f"{strategy}-s{seed}" / RECORD_FILE)
-                                   .read_text())
-            except (OSError, ValueError):
-                continue
-            if saved.get("run_name") != name:
-                continue
-            theirs, commit = saved.get("code_digest", ""), saved.get("commit") or "unknown"
-        if theirs != code:
-            raise UserError(
-                f"benchmark {spec.name}: finished run {name} was trained by other code (code "
-                f"{theirs or 'not recorded'}, commit {commit}) than this checkout's (code "
-                f"{code}); pairing them would mix a code change into the comparison: use a new "
-                "--reports folder, or --allow-mixed-code to pair them anyway")
+            pending.append(name)
+    digests = {digest for digest, _ in finished.values()}
+    if pending:
+        digests.add(code)
+    if len(digests) <= 1:
+        return
+    name, (theirs, commit) = next((n, v) for n, v in finished.items()
+                                  if v[0] != (code if pending else next(iter(finished.values()))[0]))
+    raise UserError(
+        f"benchmark {spec.name}: finished run {name} was trained by other code (code "
+        f"{theirs or 'not recorded'}, commit {commit}) than "
+        + (f"this checkout's (code {code}), which would train {len(pending)} more run(s)"
+           if pending else "the other finished runs")
+        + "; pairing them would mix a code change into the comparison: use a new --reports "
+        "folder, or --allow-mixed-code to pair them anyway")
 
 
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,

@@ -340,3 +340,40 @@ def test_the_long_cpu_comparison_keeps_its_learning_rate_high_to_the_end(tmp_pat
     assert len(lr) == 2800 and lr.max() == pytest.approx(5e-4)
     assert lr[-1] == pytest.approx(2.5e-4, rel=0.01)  # the floor: half the peak at the end
     assert spec.strategies == ["random", "attmask_high"] and spec.seeds == [0, 1, 2]
+
+
+def test_runs_of_other_code_are_not_paired_with_new_runs(tmp_path, capsys):
+    """A finished record of the same configuration but other code (another code digest) is
+    refused before any work: pairing it with runs this checkout trains would put the code
+    change into the strategies' difference. --allow-mixed-code lets it through; a benchmark
+    whose runs all finished with one code only rebuilds its report."""
+    from attmask.errors import UserError
+    from pipelines.benchmark import check_same_code
+    from pipelines.tracking import Tracker, code_digest
+
+    path = write_bench(tmp_path)
+    spec = load_benchmark(str(path))
+    reports = tmp_path / "reports"
+    folder = reports / "bench" / "runs" / "random-s0"
+    folder.mkdir(parents=True)
+    record = folder / "record.json"
+    record.write_text(json.dumps({"run_name": spec.run_name("random", 0),
+                                  "code_digest": "0123456789abcdef", "commit": "abc123"}))
+    before = record.read_bytes()
+    code = main(["benchmark", "--preset", str(path), "--reports", str(reports)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "trained by other code (code 0123456789abcdef, commit abc123)" in lines[0]
+    assert "--allow-mixed-code" in lines[0] and not (tmp_path / "data").exists()  # no work done
+    assert record.read_bytes() == before
+    tracker = Tracker.connect(next(iter(spec.configs.values())))
+    for strategy in STRATEGIES[1:]:  # every run finished, all by that other code: a report only
+        other = reports / "bench" / "runs" / f"{strategy}-s0"
+        other.mkdir(parents=True)
+        (other / "record.json").write_text(record.read_text().replace(
+            spec.run_name("random", 0), spec.run_name(strategy, 0)))
+    check_same_code(spec, tracker, reports / "bench", code_digest())
+    (folder / "record.json").write_text(record.read_text().replace("0123456789abcdef", "f" * 16))
+    with pytest.raises(UserError, match="than the other finished runs"):
+        check_same_code(spec, tracker, reports / "bench", code_digest())

@@ -31,7 +31,13 @@ from attmask.eval.features import Features, extract_features
 from attmask.eval.fewshot import fewshot_knn
 from attmask.eval.finetune import finetune
 from attmask.eval.knn import knn_accuracy
-from attmask.eval.linear import accuracy, confusion_matrix, train_probe
+from attmask.eval.linear import (
+    ProbeResult,
+    accuracy,
+    confusion_matrix,
+    train_probe,
+    train_probe_lbfgs,
+)
 from attmask.models.vit import MaskedViT, build_backbone
 from attmask.runtime import load_checkpoint, resolve_device
 
@@ -337,12 +343,21 @@ class Evaluator:
     def linear(self) -> tuple[dict, torch.Tensor]:
         b = self.options.linear_blocks
         tr, te = self.features("train", b), self.features("test", b)
-        probe = train_probe(tr.features, tr.labels, self.num_classes,
-                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
+        probe = self._probe(tr)
         result = {"top1": accuracy(probe.model, te.features, te.labels),
-                  "val_top1": probe.val_top1, "epoch": probe.epoch,
+                  "val_top1": probe.val_top1, "epoch": probe.epoch, "solver": probe.solver,
                   "n_last_blocks": min(b, self.model.max_blocks)}
+        if probe.solver == "lbfgs":
+            result.update(l2=probe.l2, converged=probe.converged)
         return result, confusion_matrix(probe.model, te.features, te.labels, self.num_classes)
+
+    def _probe(self, train: Features) -> ProbeResult:
+        """The linear probe: DINO's SGD schedule on a network's features; on raw pixels, where
+        that schedule ends unconverged (best epoch = last), a probe solved to convergence."""
+        if self.backbone is None:
+            return train_probe_lbfgs(train.features, train.labels, self.num_classes)
+        return train_probe(train.features, train.labels, self.num_classes,
+                           epochs=self.options.probe_epochs, lr=self.options.probe_lr)
 
     def fewshot(self) -> dict:
         b = self.options.knn_blocks
@@ -357,8 +372,7 @@ class Evaluator:
                                "--robustness-set was given"}
         b = self.options.linear_blocks
         tr = self.features(rob.train, b)
-        probe = train_probe(tr.features, tr.labels, self.num_classes,
-                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
+        probe = self._probe(tr)
         accs = {}
         for name, source in rob.variants.items():
             te = self.features(source, b)
