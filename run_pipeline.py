@@ -155,11 +155,18 @@ def cmd_tune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from pipelines.benchmark import REPORT_ROOT, load_benchmark, plan, run_benchmark
+    from pipelines.benchmark import (
+        REPORT_ROOT,
+        claim_report_folder,
+        load_benchmark,
+        plan,
+        run_benchmark,
+    )
 
     report_root = args.reports or REPORT_ROOT
     strategies = args.strategies.split(",") if args.strategies else None
     spec = load_benchmark(args.preset, args.overrides, seeds=args.seeds, strategies=strategies)
+    claim_report_folder(spec, Path(report_root) / spec.name, write=False)  # dry run or not
     print(plan(spec, report_root))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")

@@ -38,7 +38,7 @@ from attmask.config import (
     read_yaml,
 )
 from attmask.data.prepare import PrepareArgs
-from attmask.errors import ConfigError, UserError
+from attmask.errors import ConfigError, UserError, check_output_dir
 from attmask.eval.results import KNN_TOP1, LINEAR_TOP1
 from attmask.eval.suite import DEFAULT_SUITE, EvalOptions
 from pipelines.faults import FaultInjection
@@ -242,6 +242,7 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     report_dir = Path(report_root) / spec.name
     commit = git_commit(ignore=report_dir)  # the code these runs run, before any report is written
     first = next(iter(spec.configs.values()))
+    claim_report_folder(spec, report_dir)
     tracker = Tracker.connect(first)  # an unreachable store fails before any data is written
     if not allow_mixed_code:
         check_same_code(spec, tracker, report_dir, code_digest())
@@ -265,6 +266,47 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     _log_report(tracker, parent, report_dir, runs)
     log(f"report: {md} and {page} ({wall:.0f}s)")
     return BenchmarkResult(runs, md, page, parent, wall)
+
+
+IDENTITY_FILE = "benchmark.json"  # which benchmark (name and digest) a report folder belongs to
+
+
+def claim_report_folder(spec: BenchmarkSpec, report_dir: Path, write: bool = True) -> None:
+    """A report folder holds one benchmark: the one whose digest its ``benchmark.json`` names
+    (or, for folders written before that file, its records' run names). Another benchmark's
+    runs would overwrite its records and report, so it is refused, with nothing touched; a
+    record that cannot be read is named, never silently trained over."""
+    check_output_dir(report_dir.parent, "--reports")
+    check_output_dir(report_dir, "--reports")
+    owners = set()
+    identity = report_dir / IDENTITY_FILE
+    if identity.is_file():
+        try:
+            owners.add(json.loads(identity.read_text())["digest"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{identity}: not a benchmark identity file ({exc.__class__.__name__}"
+                            "); move it aside or restore it") from None
+    for record in sorted(report_dir.glob(f"runs/*/{RECORD_FILE}")):
+        try:
+            name = json.loads(record.read_text())["run_name"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{record}: unreadable run record ({exc.__class__.__name__}); its "
+                            "run is not redone over it: restore it from version control, or "
+                            "move the run's folder aside to train that run again") from None
+        prefix = f"bench-{spec.name}-"
+        if isinstance(name, str) and name.startswith(prefix):
+            owners.add(name[len(prefix):].split("-", 1)[0])
+    others = owners - {spec.digest}
+    if others:
+        raise UserError(f"--reports {report_dir.parent}: {report_dir} holds benchmark {spec.name} "
+                        f"with digest {', '.join(sorted(others))}, and this one's configuration "
+                        f"has digest {spec.digest}; its runs would be overwritten: give this "
+                        "benchmark another --reports folder")
+    if not write:
+        return
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if not identity.is_file():
+        identity.write_text(json.dumps({"name": spec.name, "digest": spec.digest}) + "\n")
 
 
 def check_same_code(spec: BenchmarkSpec, tracker: Tracker, report_dir: Path, code: str) -> None:

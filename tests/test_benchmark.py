@@ -252,22 +252,36 @@ def test_the_run_names_depend_on_the_shared_settings_not_on_the_lists(tmp_path):
 
 def test_committed_records_keep_the_names_their_preset_gives_them():
     """A config key added later must not rename the runs of a committed comparison (a rerun of
-    its command would otherwise train them all again)."""
-    records = sorted(Path(ROOT, "docs", "results").glob("*/runs/*/record.json"))
-    assert records  # docs/results/cifar10-cpu-long, docs/results/default
+    its command would otherwise train them all again, or be refused as another benchmark)."""
+    folders = [f for f in sorted(Path(ROOT, "docs", "results").iterdir())
+               if f.is_dir() and f.name != "archive"]
     checked, absent = 0, set()
-    for record in records:
-        preset = record.parents[2].name
+    for folder in folders:
+        preset = folder.name
         source = yaml.safe_load(Path(ROOT, "configs", "benchmark", f"{preset}.yaml")
                                 .read_text())["data"].get("from")
         if source and not Path(ROOT, source).exists():
             absent.add(source)  # that preset's data, and so its run names, cannot be resolved
             continue
-        name = json.loads(record.read_text())["run_name"]
-        assert name.startswith(f"bench-{preset}-{load_benchmark(preset).digest}-"), record
-        checked += 1
+        digest = load_benchmark(preset).digest
+        assert json.loads((folder / "benchmark.json").read_text())["digest"] == digest, folder
+        for record in folder.glob("runs/*/record.json"):
+            saved = json.loads(record.read_text())
+            assert saved["run_name"].startswith(f"bench-{preset}-{digest}-"), record
+            assert saved["code_digest"] and saved["commit"], record  # which code trained it
+            checked += 1
     if not checked:
-        pytest.skip(f"{', '.join(sorted(absent))} absent: no committed run names to resolve")
+        pytest.skip(f"{', '.join(sorted(absent)) or 'no committed records'}: no committed run "
+                    "names to resolve")
+
+
+def test_archived_results_say_why_they_are_archived():
+    """Comparisons made before the val split (their monitor read test) stay for the record,
+    out of the presets' folders, where a rerun cannot pair new runs with them."""
+    archive = Path(ROOT, "docs", "results", "archive")
+    assert "selected on the test split" in (archive / "README.md").read_text()
+    for record in archive.glob("*/runs/*/record.json"):
+        assert "code_digest" not in json.loads(record.read_text())
 
 
 def test_failed_run_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
@@ -377,3 +391,54 @@ def test_runs_of_other_code_are_not_paired_with_new_runs(tmp_path, capsys):
     (folder / "record.json").write_text(record.read_text().replace("0123456789abcdef", "f" * 16))
     with pytest.raises(UserError, match="than the other finished runs"):
         check_same_code(spec, tracker, reports / "bench", code_digest())
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_report_folder_of_another_benchmark_is_refused_and_left_as_it_was(tmp_path, capsys,
+                                                                           dry):
+    """A second configuration into the same --reports would overwrite the first one's finished
+    records and report (it did: one slot per strategy and seed): refused, naming both digests,
+    before any work, whether the folder names its owner or only its records do."""
+    path = write_bench(tmp_path)
+    digest = load_benchmark(str(path)).digest
+    flags = ["--dry-run"] if dry else []
+    for owned_by in ("identity", "records"):
+        reports = tmp_path / owned_by
+        folder = reports / "bench"
+        (folder / "runs" / "random-s0").mkdir(parents=True)
+        (folder / "runs" / "random-s0" / "record.json").write_text(
+            json.dumps({"run_name": "bench-bench-deadbeef-random-s0"}))
+        (folder / "report.md").write_text("the committed comparison")
+        if owned_by == "identity":
+            (folder / "benchmark.json").write_text(json.dumps({"name": "bench",
+                                                               "digest": "deadbeef"}))
+        before = snapshot(reports)
+        code = main(["benchmark", "--preset", str(path), "--reports", str(reports), *flags])
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+        assert code == 2 and len(lines) == 1
+        assert "deadbeef" in lines[0] and digest in lines[0] and "--reports" in lines[0]
+        assert snapshot(reports) == before and not (tmp_path / "data").exists()
+
+
+def test_a_corrupt_record_is_named_not_trained_over(tmp_path, capsys):
+    path = write_bench(tmp_path)
+    spec = load_benchmark(str(path))
+    record = tmp_path / "reports" / "bench" / "runs" / "random-s0" / "record.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"run_name": "' + spec.run_name("random", 0) + '", "wall_s": 1')  # torn
+    before = record.read_bytes()
+    for flags in (["--dry-run"], []):
+        code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "reports"),
+                     *flags])
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and str(record) in lines[0]
+        assert "unreadable run record" in lines[0] and record.read_bytes() == before
+    (tmp_path / "file").write_text("not a folder")
+    code = main(["benchmark", "--preset", str(path), "--reports", str(tmp_path / "file"),
+                 "--dry-run"])
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert code == 2 and "--reports" in lines[0] and "not a directory" in lines[0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10, section 4 (docs/small-scale.md, "Test images, not runs"): how much of the main job's
 # seed-to-seed spread comes from its test images. Trains the main job's three strategies for
-# seeds 0-2 into a store of its own (the same weights as docs/results/default/: one machine
+# seeds 0-2 into a store of its own (the same weights as docs/results/archive/default/: one machine
 # trains a seed bit for bit alike), evaluates each teacher with the k-NN on 10,000 test images
 # of the same scenes, and prints each run's gain over init on the first 1,000 of them (the main
 # job's test split before 2026-11-30) and on all 10,000. About 35 minutes on 2 CPU cores;
