@@ -38,7 +38,9 @@ from attmask.config import (
     read_yaml,
 )
 from attmask.data.prepare import PrepareArgs
+from attmask.data.shards import load_dataset
 from attmask.errors import ConfigError, UserError, check_output_dir
+from attmask.eval.baselines import BASELINES
 from attmask.eval.results import KNN_TOP1, LINEAR_TOP1
 from attmask.eval.suite import DEFAULT_SUITE, EvalOptions
 from pipelines.faults import FaultInjection
@@ -51,6 +53,7 @@ from pipelines.report import (
     metric_values,
     takeaways,
 )
+from pipelines.evaluate import EVALUATES_TAG, OPTIONS_TAG, options_digest
 from pipelines.tracking import RUN_NAME_TAG, Tracker, code_digest, git_commit
 
 BENCH_DIR = PRESET_DIR / "benchmark"
@@ -251,12 +254,14 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
         log(f"data: {'prepared' if written else 'reused'} {prepare.out}")
     runs: list[RunRecord] = []
     workers = math.ceil(first.ray.num_workers * first.ray.cpus_per_worker)
+    options_key = options_digest(spec.eval_options(), BASELINES, load_dataset(spec.data_dir),
+                                 None)  # the evaluation this benchmark reads, and no other
     with ray_session(address, num_cpus=workers):
         parent = tracker.open_run(first, spec.bench_name,
                                   tags={"kind": "benchmark", "benchmark": spec.name})
         for (strategy, seed), cfg in spec.configs.items():
             runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
-                                 log, commit))
+                                 log, commit, options_key))
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
                 make_report(spec, runs, time.perf_counter() - start, report_root,
                             commit).write(report_dir)
@@ -350,14 +355,15 @@ def check_same_code(spec: BenchmarkSpec, tracker: Tracker, report_dir: Path, cod
 
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,
              parent: str, report_dir: Path, fault: Optional[FaultInjection],
-             log: Callable[[str], None], commit: str = "unknown") -> RunRecord:
+             log: Callable[[str], None], commit: str = "unknown",
+             options_key: str = "") -> RunRecord:
     from pipelines.evaluate import run_evaluate
     from pipelines.pretrain import run_pretrain
 
     record = RunRecord(strategy, seed, cfg.train.run_name, commit=commit,
                        code_digest=code_digest())
     out = report_dir / "runs" / f"{strategy}-s{seed}"
-    if _reuse_finished(tracker, record):
+    if _reuse_finished(tracker, record, options_key):
         _carry_run(tracker, record, out)
         log(f"{record.run_name}: finished earlier, reused")
         return record
@@ -377,7 +383,8 @@ def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker
         record.device = trained.device
         log(f"{record.run_name}: evaluating")
         record.results = run_evaluate(cfg, data=spec.data_dir, mlflow_run=trained.mlflow_run_id,
-                                      out_dir=str(out), options=spec.eval_options(), log=log)
+                                      out_dir=str(out), options=spec.eval_options(), log=log,
+                                      canonical=True)
         overlay = out / "attention_overlay.png"
         record.overlay_png = overlay.read_bytes() if overlay.is_file() else None
         record.knn_history = _knn_history(tracker, trained.mlflow_run_id)
@@ -405,17 +412,24 @@ def _knn_history(tracker: Tracker, run_id: str) -> list[tuple[float, float]]:
     return [(epoch, knn[step]) for epoch, step in sorted(epoch_end.items()) if step in knn]
 
 
-def _reuse_finished(tracker: Tracker, record: RunRecord) -> bool:
-    """Fill ``record`` from MLflow when this run already finished and was evaluated."""
+def _reuse_finished(tracker: Tracker, record: RunRecord, options_key: str) -> bool:
+    """Fill ``record`` from MLflow when this run already finished and was evaluated the way
+    this benchmark evaluates (an ad-hoc evaluation of the same checkpoint is another run)."""
     run = tracker.find_run({RUN_NAME_TAG: record.run_name, DONE_TAG: "true"})
     if run is None:
         return False
+    evaluation = tracker.find_run({EVALUATES_TAG: run.info.run_id, OPTIONS_TAG: options_key})
+    if evaluation is None:
+        return False
     run_id = record.mlflow_run_id = run.info.run_id
+    record.evaluation_run_id = evaluation.info.run_id
     record.skipped = True
     with tempfile.TemporaryDirectory() as d:
-        if (results := tracker.fetch(run_id, "eval/results.json", d)) is not None:
-            record.results = json.loads(results.read_text())
-        if (overlay := tracker.fetch(run_id, "eval/attention_overlay.png", d)) is not None:
+        fetched = tracker.fetch(evaluation.info.run_id, "eval/results.json", d)
+        if fetched is not None:
+            record.results = json.loads(fetched.read_text())
+        overlay = tracker.fetch(evaluation.info.run_id, "eval/attention_overlay.png", d)
+        if overlay is not None:
             record.overlay_png = overlay.read_bytes()
     record.wall_s = float(run.data.tags.get("cost.wall_s", 0))
     record.train_s = float(run.data.metrics.get("train_s", 0))  # the last step's clock
@@ -438,7 +452,7 @@ def _carry_run(tracker: Tracker, record: RunRecord, out: Path) -> None:
     except (OSError, ValueError):
         pass
     with tempfile.TemporaryDirectory() as d:
-        logged = tracker.fetch(record.mlflow_run_id, "eval", d)
+        logged = tracker.fetch(record.evaluation_run_id or record.mlflow_run_id, "eval", d)
         if logged is None or not (logged / "results.json").is_file():
             return  # nothing to carry: the folder keeps what it has
         out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,14 @@
 
 One task extracts and caches the features every part needs; then each part (k-NN, linear probe,
 few-shot, robustness, attention-on-object) runs as its own task, on a GPU where the cluster has
-one. Results and plots go to the pretraining run's MLflow run when ``--mlflow-run`` names it,
-else to a new run.
+one.
+
+Every evaluation has an MLflow run of its own, keyed by what determines its numbers (the
+checkpoint's content, the dataset manifest, the options, the robustness set and baselines), so
+two evaluations that differ in any of them never share a run. With ``--mlflow-run`` it is a
+child of that pretraining run. The pretraining run (its ``eval/*`` metrics, its registered
+version's score tags) shows one evaluation, its *canonical* one: the benchmark's, or else the
+first made; an ad-hoc evaluation never replaces it.
 """
 from __future__ import annotations
 
@@ -162,9 +168,11 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
                  options: Optional[EvalOptions] = None, address: Optional[str] = None,
                  log: Callable[[str], None] = print,
                  baselines: tuple[str, ...] = BASELINES,
-                 architecture: Optional[Config] = None) -> dict:
+                 architecture: Optional[Config] = None, canonical: bool = False) -> dict:
     """Evaluate one checkpoint; returns the ``results.json`` content. ``architecture`` is the
-    model config of a ``.safetensors`` backbone (a full checkpoint carries its own)."""
+    model config of a ``.safetensors`` backbone (a full checkpoint carries its own).
+    ``canonical``: this evaluation becomes the one the pretraining run shows (the benchmark's);
+    otherwise only where that run has none yet."""
     import ray
     import torch
 
@@ -189,6 +197,7 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     args = {"data": str(data), "cache_dir": str((out / "features").resolve()),
             "options": asdict(options),
             "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None}
+    options_key = options_digest(options, baselines, checked.dataset, robustness_set)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ray_session(address):
@@ -209,7 +218,7 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     for name, png in pictures.items():
         (out / name).write_bytes(png)
     results["mlflow_run_id"] = _log_to_mlflow(cfg, mlflow_run, checkpoint, out, results,
-                                              list(pictures))
+                                              list(pictures), options_key, canonical)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -217,36 +226,61 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
 MODEL_TAGS = ("eval/knn_k20_top1", "eval/linear_top1", "eval/finetune_top1", "eval/bg_gap")
 
 
-def evaluation_run_name(checkpoint: str | Path) -> str:
-    """An evaluation's MLflow run is keyed by what it evaluates: the checkpoint's content, so
-    two models never share a run (whatever their folders are called) and re-evaluating the same
-    file updates its run."""
+EVALUATES_TAG = "attmask.evaluates"  # on an evaluation run: the pretraining run it evaluates
+OPTIONS_TAG = "attmask.evaluation_options"  # on an evaluation run: its options_digest
+CANONICAL_TAG = "attmask.evaluation_run"  # on a pretraining run: its canonical evaluation
+
+
+def options_digest(options: EvalOptions, baselines: tuple[str, ...], dataset,
+                   robustness_set: Optional[str]) -> str:
+    """What, besides the checkpoint, determines an evaluation's numbers: the options, the
+    baselines, the dataset (its manifest: shards and their checksums) and the robustness set
+    (its files' content)."""
+    from attmask.data.shards import sha256_file
+
+    robustness = ({p.name: sha256_file(p) for p in sorted(Path(robustness_set).glob("*.npz"))}
+                  if robustness_set else None)
+    key = json.dumps([asdict(options), sorted(baselines), manifest_id(dataset), robustness,
+                      RESULTS_FORMAT], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def evaluation_run_name(checkpoint: str | Path, options_key: str = "") -> str:
+    """An evaluation's MLflow run is keyed by what it evaluates and how: the checkpoint's
+    content and :func:`options_digest`, so two models, or one model on two datasets or with two
+    sets of options, never share a run (whatever their folders are called), and re-evaluating
+    the same file the same way updates its run."""
     path = Path(checkpoint)
     path = path / "state.pt" if path.is_dir() else path
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    digest.update(options_key.encode())
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:60]  # a file name may hold anything
     return f"eval-{stem}-{digest.hexdigest()[:12]}"
 
 
-def _log_to_mlflow(cfg: Config, run_id: Optional[str], checkpoint: str, out: Path,
-                   results: dict, pictures: list[str]) -> str:
+def _log_to_mlflow(cfg: Config, pretraining_run: Optional[str], checkpoint: str, out: Path,
+                   results: dict, pictures: list[str], options_key: str,
+                   canonical: bool) -> str:
     tracker = tracking.Tracker.connect(cfg)  # again: the server may have gone during the work
-    created = run_id is None
-    if created:
-        run_id = tracker.open_run(cfg, evaluation_run_name(checkpoint),
-                                  tags={"kind": "evaluation"})
+    tags = {"kind": "evaluation", OPTIONS_TAG: options_key}
+    if pretraining_run is not None:
+        tags |= {EVALUATES_TAG: pretraining_run, "mlflow.parentRunId": pretraining_run}
+    run_id = tracker.open_run(cfg, evaluation_run_name(checkpoint, options_key), tags=tags)
     metrics = flat_metrics(results)
     tracker.log_metrics(run_id, metrics)
     for name in ["results.json", *pictures]:
         tracker.log_artifact(run_id, out / name, "eval")
-    if not created and (version := tracker.model_version(run_id)) is not None:
-        # The registered backbone carries its headline scores, to pick a version by them.
-        tracker.tag_model_version(version, {key.removeprefix("eval/"): f"{value:.4f}"
-                                            for key, value in metrics.items()
-                                            if key in MODEL_TAGS})
-    if created:
-        tracker.finish(run_id)
+    tracker.finish(run_id)
+    if pretraining_run is not None and (
+            canonical or CANONICAL_TAG not in tracker.run_tags(pretraining_run)):
+        # The pretraining run and its registered backbone show one evaluation's scores.
+        tracker.set_tags(pretraining_run, {CANONICAL_TAG: run_id})
+        tracker.log_metrics(pretraining_run, metrics)
+        if (version := tracker.model_version(pretraining_run)) is not None:
+            tracker.tag_model_version(version, {
+                **{key.removeprefix("eval/"): f"{value:.4f}" for key, value in metrics.items()
+                   if key in MODEL_TAGS}, "evaluation_run": run_id})
     return run_id

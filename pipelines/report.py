@@ -59,6 +59,7 @@ class RunRecord:
     model_version: str = ""  # the teacher backbone in MLflow's registry: NAME/VERSION
     commit: str = ""  # the checkout that trained it (git_commit), "" for records before it was kept
     code_digest: str = ""  # hash of the library code that trained it (tracking.code_digest)
+    evaluation_run_id: Optional[str] = None  # the benchmark's evaluation run in MLflow
 
     @property
     def eval_s(self) -> float:

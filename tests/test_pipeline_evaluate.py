@@ -8,7 +8,13 @@ from attmask.errors import UserError
 from attmask.eval.results import decode_hits
 from attmask.eval.suite import EvalOptions
 from conftest import tiny_config
-from pipelines.evaluate import flat_metrics, run_evaluate
+from pipelines.evaluate import (
+    CANONICAL_TAG,
+    EVALUATES_TAG,
+    flat_metrics,
+    options_digest,
+    run_evaluate,
+)
 from pipelines.pretrain import run_pretrain
 
 pytestmark = pytest.mark.ray
@@ -25,7 +31,10 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
                            out_dir=str(out), options=EvalOptions(probe_epochs=5, shots=(1,)),
                            log=logged.append)
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["mlflow_run_id"] == trained.mlflow_run_id
+    client = MlflowClient(tracking_uri=trained.tracking_uri)
+    evaluation = client.get_run(on_disk["mlflow_run_id"])  # a run of its own, under the run
+    assert evaluation.data.tags["mlflow.parentRunId"] == trained.mlflow_run_id
+    assert evaluation.data.tags[EVALUATES_TAG] == trained.mlflow_run_id
     assert set(on_disk) >= {"checkpoint", "data", "knn", "linear", "fewshot", "robustness",
                             "attention"}
     n_test = 32  # the synthetic test split
@@ -47,8 +56,8 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
         assert correct == pytest.approx(round(correct), abs=1e-6), key
     run_names = {k for k in flat_metrics(results)}
     assert "eval/init/knn_k20_top1" in run_names and "eval/pixels/knn_k20_top1" in run_names
-    client = MlflowClient(tracking_uri=trained.tracking_uri)
     run = client.get_run(trained.mlflow_run_id)
+    assert run.data.tags[CANONICAL_TAG] == evaluation.info.run_id  # the first: canonical
     assert run.data.metrics["eval/knn_k20_top1"] == on_disk["knn"]["k20"]["top1"]
     version = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri
                            ).get_model_version(*trained.model_version.split("/"))
@@ -69,9 +78,25 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
                          options=EvalOptions(probe_epochs=5, shots=(1,)), log=logged.append)
     assert again["baselines"] == base
     assert sum("reusing" in line for line in logged) == 2
-    artifacts = {a.path for a in client.list_artifacts(trained.mlflow_run_id, "eval")}
+    assert again["mlflow_run_id"] == evaluation.info.run_id  # the same evaluation: its run
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval")}
     assert {"eval/results.json", "eval/confusion_matrix.png", "eval/attention_overlay.png",
             "eval/robustness.png"} <= artifacts
+    # An ad-hoc evaluation (fewer test images, k-NN only) is a run of its own and replaces
+    # neither the pretraining run's scores nor its registered version's tags.
+    shown = dict(client.get_run(trained.mlflow_run_id).data.metrics)
+    registry = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri)
+    tags = dict(registry.get_model_version(*trained.model_version.split("/")).tags)
+    adhoc = run_evaluate(cfg, data=str(synthetic_dir), mlflow_run=trained.mlflow_run_id,
+                         out_dir=str(tmp_path / "adhoc"), baselines=(),
+                         options=EvalOptions(suite=["knn"], max_test_samples=8), log=print)
+    assert adhoc["mlflow_run_id"] not in (evaluation.info.run_id, trained.mlflow_run_id)
+    assert adhoc["knn"]["k20"]["n"] == 8
+    assert client.get_run(trained.mlflow_run_id).data.metrics == shown
+    assert client.get_run(trained.mlflow_run_id).data.tags[CANONICAL_TAG] == \
+        evaluation.info.run_id
+    assert dict(registry.get_model_version(*trained.model_version.split("/")).tags) == tags
+    assert tags["evaluation_run"] == evaluation.info.run_id
 
 
 def test_evaluate_needs_exactly_one_checkpoint_source(synthetic_dir, tmp_path):
@@ -149,3 +174,37 @@ def test_fine_tuning_runs_as_a_task_with_its_init_baseline(ray_local, synthetic_
     metrics = flat_metrics(results)
     assert metrics["eval/finetune_top1"] == results["finetune"]["top1"]
     assert metrics["eval/init/finetune_top1"] == results["baselines"]["init"]["finetune"]["top1"]
+
+
+def test_an_evaluation_is_keyed_by_everything_that_determines_its_numbers(synthetic_dir,
+                                                                          tmp_path):
+    """Two evaluations that differ in the checkpoint, the data, the options or the robustness
+    set land in two runs: one run once showed k-NN on one dataset and robustness on another."""
+    import numpy as np
+
+    from attmask.data.prepare import PrepareArgs, prepare_data
+    from attmask.data.shards import load_dataset
+    from pipelines.evaluate import evaluation_run_name
+
+    data = load_dataset(synthetic_dir)
+    other = tmp_path / "other"
+    prepare_data(PrepareArgs(source="synthetic", out=str(other), num_samples=40,
+                             num_test_samples=8, seed=5))
+    rob = tmp_path / "rob"
+    rob.mkdir()
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    for name in ("train_original", "test_mixed_rand"):
+        np.savez(rob / f"{name}.npz", images=images, labels=np.arange(4) % 2)
+    base = options_digest(EvalOptions(), ("init", "pixels"), data, None)
+    variants = [options_digest(EvalOptions(max_test_samples=100), ("init", "pixels"), data, None),
+                options_digest(EvalOptions(), ("init",), data, None),
+                options_digest(EvalOptions(), ("init", "pixels"), load_dataset(other), None),
+                options_digest(EvalOptions(), ("init", "pixels"), data, str(rob))]
+    assert len({base, *variants}) == 5
+    np.savez(rob / "test_mixed_rand.npz", images=images + 1, labels=np.arange(4) % 2)
+    assert options_digest(EvalOptions(), ("init", "pixels"), data, str(rob)) != variants[-1]
+    assert base == options_digest(EvalOptions(), ("pixels", "init"), data, None)  # stable
+    checkpoint = tmp_path / "state.pt"
+    checkpoint.write_bytes(b"weights")
+    names = {evaluation_run_name(checkpoint, key) for key in (base, *variants)}
+    assert len(names) == 5
