@@ -23,7 +23,7 @@ from attmask.errors import ConfigError, UserError
 from attmask.train import default_run_name, open_dataset
 from pipelines import tracking
 from pipelines.faults import FaultInjection
-from pipelines.ray_session import alive_nodes, ray_session
+from pipelines.ray_session import alive_nodes, check_fits, ray_session
 
 STATE_FILE = "state.pt"
 RESUMED_METRIC = "resumed_from_step"  # logged at each resume, at the step it resumes from
@@ -103,6 +103,8 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
 
         use_gpu = (cfg.ray.use_gpu if cfg.ray.use_gpu is not None
                    else ray.cluster_resources().get("GPU", 0) >= workers)
+        check_fits(workers, cpus, 1 if use_gpu else 0,
+                   "ray.num_workers x ray.cpus_per_worker" + (" x ray.use_gpu" if use_gpu else ""))
         run_id = tracker.open_run(cfg, run_name, parent_run_id)
         log(f"pretrain {run_name}: {workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
             f"storage {storage}, MLflow run {run_id} at {uri}")

@@ -46,3 +46,29 @@ def alive_nodes() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_fits(workers: int, cpus: float, gpus: float, what: str) -> None:
+    """Fail at once, with what was asked and what the cluster has, when ``workers`` bundles of
+    ``cpus`` CPUs and ``gpus`` GPUs each cannot be placed on the cluster's live nodes: Ray
+    would otherwise wait for them forever (a GPU run on a machine without one hung)."""
+    import ray
+
+    from attmask.errors import UserError
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fit = 0
+    for node in nodes:
+        per_node = [node.get("CPU", 0) / cpus if cpus else float("inf")]
+        if gpus:
+            per_node.append(node.get("GPU", 0) / gpus)
+        fit += int(min(per_node)) if min(per_node) != float("inf") else workers
+    if fit >= workers:
+        return
+    has = "; ".join(f"node {i}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU"
+                    for i, n in enumerate(nodes)) or "no live node"
+    asked = f"{workers} x ({cpus:g} CPU" + (f", {gpus:g} GPU)" if gpus else ")")
+    hint = " (ray.use_gpu=false, or a cluster with GPUs)" if gpus and not any(
+        n.get("GPU", 0) for n in nodes) else ""
+    raise UserError(f"{what}: asked for {asked}, and the cluster can place {fit} of them "
+                    f"({has}){hint}")

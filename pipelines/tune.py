@@ -365,7 +365,7 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
 
     from attmask.train import open_dataset
     from attmask.viz import param_plot_png
-    from pipelines.ray_session import ray_session
+    from pipelines.ray_session import check_fits, ray_session
     from pipelines.tracking import Tracker
 
     tracker = Tracker.connect(base)
@@ -377,7 +377,12 @@ def run_tune(spec: TuneSpec, base: Config, *, address: Optional[str] = None,
     search = spec.search_name
     tune_dir = Path(tracker.storage) / "tune"
     out_dir = tune_dir / search / "report"
+    res = spec.resources_per_trial
     with ray_session(address):
+        check_fits(res.get("workers", base.ray.num_workers),
+                   res.get("cpus_per_worker", base.ray.cpus_per_worker),
+                   res.get("gpus_per_worker", 1 if base.ray.use_gpu else 0),
+                   "resources_per_trial (one trial)")
         parent = tracker.open_run(base, search, tags={"kind": "tune", "tune.search": search})
         param_space = {BASE_KEY: base.to_dict(), PARENT_KEY: parent,
                        "__resources__": dict(spec.resources_per_trial), **tune_space(spec)}

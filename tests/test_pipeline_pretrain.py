@@ -1,5 +1,6 @@
 """Ray Train pretraining with real Ray, real MLflow (SQLite and an `mlflow server`), real shards."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,3 +233,22 @@ def test_mlflow_server_and_losing_it_mid_run(ray_local, synthetic_dir, tmp_path,
     assert result.steps == 12  # training finished although the server went away
     assert result.model_version == ""  # nothing to register with: the store is gone
     assert proc.poll() is not None and result.logging["errors"] > 0
+
+
+@pytest.mark.parametrize("extra, asked", [
+    (("ray.use_gpu=true",), "1 x (1 CPU, 1 GPU)"),
+    (("ray.cpus_per_worker=1000",), "1 x (1000 CPU)"),
+    (("ray.num_workers=4096",), "4096 x (1 CPU)"),
+])
+def test_a_request_the_cluster_cannot_meet_fails_at_once_not_forever(ray_local, synthetic_dir,
+                                                                     tmp_path, extra, asked):
+    """A GPU run on a machine without a GPU waited forever with its MLflow run RUNNING."""
+    cfg = ray_cfg(synthetic_dir, tmp_path, "ray.cpus_per_worker=1", *extra)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=re.escape(asked) + r".*the cluster can place"):
+        run_pretrain(cfg, log=lambda s: None)
+    assert time.perf_counter() - start < 30
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/ray/mlflow.db")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+    assert not [r for r in runs if r.info.status == "RUNNING"]
