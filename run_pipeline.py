@@ -39,7 +39,9 @@ def seed_list(text: str) -> list[int]:
     seeds: list[int] = []
     try:
         for part in text.split(","):
-            low, _, high = part.partition("-")
+            low, dash, high = part.partition("-")
+            if dash and not high:  # "0-": a range without its end is a typo, not seed 0
+                raise ValueError(part)
             seeds += range(int(low), int(high or low) + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected seeds as 0-12 or 0,1,5") from None
@@ -155,6 +157,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
+    from attmask.errors import ConfigError
     from pipelines.benchmark import (
         REPORT_ROOT,
         claim_report_folder,
@@ -164,9 +167,16 @@ def cmd_benchmark(args) -> int:
     )
 
     report_root = args.reports or REPORT_ROOT
-    strategies = args.strategies.split(",") if args.strategies else None
+    strategies = args.strategies.split(",") if args.strategies is not None else None
+    if strategies is not None and not all(s.strip() for s in strategies):
+        raise ConfigError(f"--strategies {args.strategies!r}: a comma list of strategies, e.g. "
+                          "random,attmask_high")
     spec = load_benchmark(args.preset, args.overrides, seeds=args.seeds, strategies=strategies)
     claim_report_folder(spec, Path(report_root) / spec.name, write=False)  # dry run or not
+    if spec.data.get("path") and "://" not in spec.data["path"]:
+        from attmask.data.shards import load_dataset
+
+        load_dataset(spec.data["path"])  # shards the runs will read: there, with a manifest
     print(plan(spec, report_root))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")

@@ -234,6 +234,7 @@ class TrainConfig:
         _range(f"{p}.knn_every_epochs", self.knn_every_epochs, 0, 100_000)
         _range(f"{p}.knn_train_samples", self.knn_train_samples, 1, 1 << 24)
         _range(f"{p}.knn_test_samples", self.knn_test_samples, 1, 1 << 24)
+        _range(f"{p}.seed", self.seed, 0, (1 << 63) - 1)  # torch's generators take 64 bits
         if self.knn_split == "train":
             raise ConfigError(f"{p}.knn_split=train: the monitor's bank is the train split; "
                               "score it on val (default) or a test split")

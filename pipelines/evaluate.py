@@ -194,6 +194,8 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
                                         cache_dir=out / "features", options=options,
                                         robustness_set=robustness_set, device=torch.device("cpu"))
     model_cfg = checked.cfg  # the checkpoint's own config: its architecture and seed
+    for split in checked.dataset.splits:  # as training does: a changed shard is named now
+        checked.dataset.check_shards(split, verify=cfg.data.verify_checksums)
     args = {"data": str(data), "cache_dir": str((out / "features").resolve()),
             "options": asdict(options),
             "robustness_set": str(Path(robustness_set).resolve()) if robustness_set else None}

@@ -94,8 +94,23 @@ def _start_command(cfg: dict, program: str) -> int:
     (lambda c, i: c["available_node_types"]["gpu_1x"].update(
         worker_start_ray_commands=["export RAY_AUTH_TOKEN=abc123; ray start --address=x:6379"]),
      ["available_node_types.gpu_1x.worker_start_ray_commands", "RAY_AUTH_TOKEN"]),
+    (lambda c, i: c["head_start_ray_commands"].__setitem__(
+        i, "bash -c 'nohup mlflow server --app-name basic-auth --host 0.0.0.0 --port 5000 &'"),
+     ["head_start_ray_commands", "--host 0.0.0.0", "every interface"]),
+    (lambda c, i: c["head_start_ray_commands"].append("sh -lc \"mlflow ui --host 0.0.0.0\""),
+     ["head_start_ray_commands", "`mlflow ui --host 0.0.0.0`", "without authentication"]),
+    (lambda c, i: c["setup_commands"].append(
+        "echo 'export MLFLOW_TRACKING_URI=http://admin:s3cr3t@10.0.0.5:5000' >> ~/.bashrc"),
+     ["setup_commands[", "password (user:PASSWORD@host)"]),
+    (lambda c, i: c["provider"].update(aws_secret_access_key="wJalrXUtnFEMI/K7MDENG"),
+     ["provider.aws_secret_access_key", "credential is written into the file"]),
+    (lambda c, i: c.setdefault("head_node_type", c["head_node_type"]) and
+     c["available_node_types"][c["head_node_type"]].setdefault("node_config", {}).update(
+         UserData={"api_token": "tok-123456"}),
+     ["node_config.UserData.api_token"]),
 ], ids=["mlflow-open-no-auth", "mlflow-open", "dashboard-open", "auth-off", "password",
-        "token-in-node-type"])
+        "token-in-node-type", "shell-wrapper", "mlflow-ui", "uri-password", "provider-secret",
+        "nested-token"])
 def test_an_open_service_or_written_credential_is_one_error_line(tmp_path, capsys, mutate, words):
     from run_pipeline import main
 

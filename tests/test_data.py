@@ -247,11 +247,29 @@ def test_an_unreadable_image_is_skipped_and_counted_not_fatal(tmp_path, resize):
         for i in range(3):
             Image.new("RGB", (40, 36), (i * 40, 10, 200)).save(root / cls / f"{i}.png")
     (root / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "cat" / "2.png").write_bytes(png_header(20_000, 20_000))  # a decompression bomb
     manifest, _ = prepare_data(PrepareArgs(source="imagefolder", from_path=str(root),
-                                           out=str(tmp_path / "out"), image_size=resize))
-    assert manifest["splits"]["train"]["num_samples"] == 5
-    assert len(manifest["skipped_inputs"]) == 1 and "dog/1.png" in manifest["skipped_inputs"][0]
-    assert load_dataset(tmp_path / "out").num_samples("train") == 5
+                                           out=str(tmp_path / "out"), image_size=resize,
+                                           val_fraction=0))
+    assert manifest["splits"]["train"]["num_samples"] == 4
+    skipped = manifest["skipped_inputs"]
+    assert len(skipped) == 2 and any("dog/1.png" in s for s in skipped)
+    assert any("cat/2.png (DecompressionBombError)" in s for s in skipped)
+    assert load_dataset(tmp_path / "out").num_samples("train") == 4
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def test_source_folder_without_images_is_an_error(tmp_path):

@@ -58,6 +58,8 @@ class PrepareArgs:
         if self.num_variant_samples is not None and self.source != "synthetic":
             raise DataError("--num-variant-samples: applies to --source synthetic only (the "
                             "built-in data draws the robustness variants)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise DataError(f"--seed={self.seed}: allowed range is [0, 2^63 - 1]")
         if self.val_fraction is not None and self.val_per_class is not None:
             raise DataError("--val-fraction and --val-per-class: give one of them")
         if self.val_fraction is not None and not (isinstance(self.val_fraction, (int, float))

@@ -223,7 +223,7 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
         try:
             with Image.open(path) as im:
                 return min(im.size)
-        except (OSError, SyntaxError, ValueError):
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None
 
     sizes = [s for s in map(readable_size, (p for p, _ in files["train"][:1000])) if s]
@@ -252,7 +252,8 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
         for i, (path, label) in enumerate(files[split]):
             try:
                 data, ext = encode(path)
-            except (OSError, SyntaxError, ValueError) as exc:
+            # Pillow's decompression-bomb limit stays: such a file is one more unreadable input
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 skipped.append(f"{path} ({exc.__class__.__name__})")
                 continue
             yield Sample(f"{split}{i:08d}", label, encoded=data, ext=ext,
