@@ -194,7 +194,7 @@ def cmd_bench_step(args) -> int:
     import torch
 
     from attmask import masking
-    from attmask.errors import ConfigError
+    from attmask.errors import ConfigError, check_output_file
     from attmask.runtime import resolve_device
     from attmask.speed import bench_step
 
@@ -208,6 +208,8 @@ def cmd_bench_step(args) -> int:
     if unknown or not strategies:
         raise ConfigError(f"--strategies {args.strategies}: allowed: "
                           f"{', '.join(masking.available())}")
+    if args.json:
+        check_output_file(args.json, "--json")
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,9 +239,11 @@ def cmd_device_check(args) -> int:
     import torch
 
     from attmask.config import load_config
+    from attmask.errors import check_output_file
     from attmask.runtime import resolve_device
     from attmask.speed import device_check
 
+    check_output_file(args.json, "--json")
     device = resolve_device(args.device)
     if args.quick:  # the reduced mode the tests run on a CPU: the same code, seconds
         tiny = load_config("tiny-cpu", overrides=["model.depth=2", "train.batch_size_per_worker=8"])
@@ -282,6 +286,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_bench_data(args) -> int:
     from attmask.config import load_config
+    from attmask.errors import check_output_file
     from attmask.speed import bench_data
 
     tiny = load_config("tiny-cpu")
@@ -292,6 +297,8 @@ def cmd_bench_data(args) -> int:
     # each crop setting with its colour per crop (in the workers) and per batch (data.colour_on)
     settings = {f"{name}/colour_on={on}": {**s, "colour_on": on}
                 for name, s in crops.items() for on in ("image", "batch")}
+    if args.json:
+        check_output_file(args.json, "--json")
     result = bench_data(args.data, settings, args.workers, batches=args.batches,
                         batch_size=args.batch_size)
     if args.json:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attmask.config import Config, ModelConfig
-from attmask.errors import ConfigError, UserError
+from attmask.errors import CheckpointError, ConfigError, UserError
 from attmask.loss import IBOTLoss
 from attmask.masking import make_masker
 from attmask.models import IBOTHead, MultiCropNet, build_backbone
@@ -292,8 +292,14 @@ class Engine:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({**self.state_dict(), **(extra or {})}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({**self.state_dict(), **(extra or {})}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # a full disk: torch reports a failed write
+            tmp.unlink(missing_ok=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                str(exc).strip().splitlines()[0][:120]
+            raise CheckpointError(f"cannot write checkpoint {path} ({reason})") from exc
         return path
 
     def load(self, path: str | Path) -> dict:

@@ -38,3 +38,15 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {parent} is not writable")
     return path
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """A file that can be written (a new one, or an existing file, never a folder), checked
+    before any work starts, so minutes of work do not end in a traceback."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, expected a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: exists and is not writable")
+    check_output_dir(path.parent, flag)
+    return path

@@ -18,7 +18,13 @@ from attmask.data.shards import Dataset, load_dataset
 from attmask.data.stream import steps_per_epoch, train_batches
 from attmask.data.transforms import pretraining_transform
 from attmask.engine import Engine, check_finite
-from attmask.errors import ConfigError, DataError, Interrupted
+from attmask.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    check_output_dir,
+)
 from attmask.monitor import OnlineKnn
 from attmask.runtime import load_checkpoint
 
@@ -220,6 +226,7 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
                    after_step: Callable[[Engine], None] = lambda engine: None) -> RunSummary:
     """Train ``cfg`` in this process; resumes when ``train.run_name`` has checkpoints already.
     ``before_step`` / ``after_step`` are the loop's instrumentation hooks (see :class:`Hooks`)."""
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     dataset = open_dataset(cfg)
     engine = Engine(cfg, steps_per_epoch(dataset, cfg), device=device)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or default_run_name(cfg))
@@ -247,7 +254,14 @@ def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.writelines(json.dumps(m) + "\n" for m in pending)
         pending.clear()
-        engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
+        try:
+            engine.save(ckpt_dir / f"step_{engine.step:08d}.pt")
+        except CheckpointError as exc:
+            last = latest_step(ckpt_dir)
+            raise CheckpointError(
+                f"{exc}; " + (f"the last complete checkpoint (step {last}) is intact: free "
+                              "space and rerun the same command to resume from it"
+                              if last is not None else "no checkpoint was written yet")) from exc
         for old in sorted(ckpt_dir.glob(CHECKPOINT_GLOB))[:-cfg.train.checkpoint_keep]:
             old.unlink()
 

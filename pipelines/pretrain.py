@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from attmask.config import Config, from_dict
 from attmask.engine import NonFiniteLossError
-from attmask.errors import ConfigError, UserError
+from attmask.errors import ConfigError, UserError, check_output_dir
 from attmask.train import default_run_name, open_dataset
 from pipelines import tracking
 from pipelines.faults import FaultInjection
@@ -92,6 +92,8 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
     if cfg.data.path and "://" not in cfg.data.path:  # workers do not share the driver's CWD
         cfg.data.path = str(Path(cfg.data.path).resolve())
     run_name = cfg.train.run_name
+    if "://" not in cfg.train.output_dir:
+        check_output_dir(cfg.train.output_dir, "train.output_dir")
     tracker = tracking.Tracker.connect(cfg)
     uri, storage = tracker.uri, tracker.storage
     if "://" not in str(cfg.data.path or ""):

@@ -72,6 +72,9 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
+            if not _alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     except OSError as exc:
@@ -80,9 +83,24 @@ def write_shards(spec: SourceSpec, out: str | Path, *, source: str, args: dict[s
     try:
         manifest = _write_all(spec, staging, source, args, shard_size, holdout)
         _swap_in(staging, out)
+    except OSError as exc:  # a full disk, a quota: what was in out is still there
+        reason = exc.strerror or exc.__class__.__name__
+        raise DataError(f"--out {out}: cannot write {exc.filename or staging} ({reason}); the "
+                        f"dataset that was in {out} is unchanged and the partial copy was "
+                        "removed: free space and rerun the same command") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _write_all(spec: SourceSpec, out: Path, source: str, args: dict[str, Any],
