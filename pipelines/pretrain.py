@@ -94,14 +94,14 @@ def run_pretrain(cfg: Config, *, address: Optional[str] = None,
     run_name = cfg.train.run_name
     if "://" not in cfg.train.output_dir:
         check_output_dir(cfg.train.output_dir, "train.output_dir")
+    if fault is not None and fault.rank >= cfg.ray.num_workers:
+        raise UserError(f"--inject-fault rank {fault.rank}: the run has ranks 0-"
+                        f"{cfg.ray.num_workers - 1} (ray.num_workers={cfg.ray.num_workers})")
     tracker = tracking.Tracker.connect(cfg)
     uri, storage = tracker.uri, tracker.storage
     if "://" not in str(cfg.data.path or ""):
         open_dataset(cfg)  # local data is checked here, before any worker starts
     workers, cpus = cfg.ray.num_workers, cfg.ray.cpus_per_worker
-    if fault is not None and fault.rank >= workers:
-        raise UserError(f"--inject-fault rank {fault.rank}: the run has ranks 0-{workers - 1} "
-                        f"(ray.num_workers={workers})")
     with ray_session(address, num_cpus=math.ceil(workers * cpus)):
         validate_cluster(cfg, uri, storage, alive_nodes())
         import ray

@@ -244,6 +244,35 @@ def world(tmp_path_factory, synthetic_dir, tiny_checkpoint):
     (root / "bench_malformed.yaml").write_text("data: {path: [\n")
     p["b_malformed"] = str(root / "bench_malformed.yaml")
 
+    # Report folders a benchmark must not write into, and cluster files check-cluster refuses.
+    other = root / "reports_other" / "default"
+    other.mkdir(parents=True)
+    (other / "benchmark.json").write_text('{"name": "default", "digest": "deadbeef"}')
+    (other / "report.md").write_text("another benchmark's report")
+    p["reports_other"] = str(root / "reports_other")
+    torn = root / "reports_torn" / "default" / "runs" / "random-s0"
+    torn.mkdir(parents=True)
+    (torn / "record.json").write_text('{"run_name": ')
+    p["reports_torn"] = str(root / "reports_torn")
+    cluster = yaml.safe_load((Path(__file__).resolve().parent.parent / "cluster.yaml").read_text())
+
+    def cluster_file(name: str, mutate) -> str:
+        data = json.loads(json.dumps(cluster))
+        mutate(data)
+        return write_yaml(root / f"cluster_{name}.yaml", data)
+
+    p["cl_wrapped"] = cluster_file("wrapped", lambda c: c["head_start_ray_commands"].append(
+        "bash -c 'mlflow server --app-name basic-auth --host 0.0.0.0'"))
+    p["cl_ui"] = cluster_file("ui", lambda c: c["head_start_ray_commands"].append(
+        "mlflow ui --host 0.0.0.0 --port 5000"))
+    p["cl_uri"] = cluster_file("uri", lambda c: c["setup_commands"].append(
+        "export MLFLOW_TRACKING_URI=https://admin:pa55word@10.0.0.2:5000"))
+    p["cl_provider"] = cluster_file("provider", lambda c: c["provider"].update(
+        aws_secret_access_key="wJalrXUtnFEMI"))
+    p["cl_env"] = cluster_file("env", lambda c: c["available_node_types"][c["head_node_type"]]
+                               .setdefault("node_config", {}).update(
+                                   Environment={"MLFLOW_TRACKING_TOKEN": "tok"}))
+
     # An image folder with no images, and an existing output the failed commands must keep.
     (root / "imgs_empty" / "train" / "cat").mkdir(parents=True)
     p["imgs_empty"] = str(root / "imgs_empty")
@@ -566,6 +595,54 @@ CASES = [
     (["benchmark", "--dry-run", "--strategies", "random,attmask_mid"],
      ["--strategies", "attmask_mid", "attmask_high"]),
     (["benchmark", "--dry-run", "--strategies", "random,random"], ["--strategies", "once"]),
+    # -- added with the val split, the report-folder identity and the trust review -------------
+    (GOOD_PREP + ["--val-fraction", "1.5"], ["--val-fraction", "[0, 1)"]),
+    (GOOD_PREP + ["--val-fraction", "-0.1"], ["--val-fraction"]),
+    (GOOD_PREP + ["--val-fraction", "lots"], ["--val-fraction"]),
+    (GOOD_PREP + ["--val-per-class", "0"], ["--val-per-class"]),
+    (GOOD_PREP + ["--val-fraction", "0.1", "--val-per-class", "3"],
+     ["--val-per-class", "--val-fraction"]),
+    (GOOD_PREP + ["--seed", "-1"], ["--seed", "2^63"]),
+    (TRAIN + ["train.seed=-1"], ["train.seed"]),
+    (TRAIN + ["train.seed=99999999999999999999999"], ["train.seed"]),
+    (TRAIN + ["train.knn_split=train"], ["train.knn_split=train", "val"]),
+    (TRAIN + ["masking.strategy=attmask_hint", "model.patch_size=8"],
+     ["masking.strategy=attmask_hint", "4 x 4", "5 x 5"]),
+    (TRAIN + ["masking.ratio_per=sometimes"], ["masking.ratio_per"]),
+    (TRAIN + ["masking.head_reduce=median"], ["masking.head_reduce"]),
+    (TRAIN + ["masking.layer=7"], ["masking.layer"]),
+    (TRAIN + ["masking.options.block.aspect=0"], ["masking.options.block.aspect"]),
+    (TRAIN + ["masking.options.attmask_hint.num_hints=-1"],
+     ["masking.options.attmask_hint.num_hints"]),
+    (TRAIN + ["masking.options.random.show_max=0.1"], ["masking.options.random.show_max"]),
+    (TRAIN + ["masking.options.nosuch.x=1"], ["masking.options.nosuch"]),
+    (TRAIN + ["data.colour_on=gpu"], ["data.colour_on"]),
+    (TRAIN + ["train.output_dir={a_file}"], ["train.output_dir", "{a_file}"]),
+    (TRAIN + ["train.output_dir={a_file}/runs"], ["train.output_dir", "{a_file}"]),
+    (["pretrain", "--config", "{cfg_ok}", "train.output_dir={a_file}"], ["train.output_dir"]),
+    (["pretrain", "--config", "{cfg_ok}", "--inject-fault", "2:exit:3"],
+     ["--inject-fault", "rank 3", "ray.num_workers"]),
+    (["benchmark", "--dry-run", "--seeds", "0-"], ["--seeds", "0-"]),
+    (["benchmark", "--dry-run", "--seeds", "-"], ["--seeds"]),
+    (["benchmark", "--dry-run", "--strategies="], ["--strategies"]),
+    (["benchmark", "--dry-run", "--strategies", "random,"], ["--strategies"]),
+    (["benchmark", "--dry-run", "--reports", "{a_file}"], ["--reports", "not a directory"]),
+    (["benchmark", "--dry-run", "--reports", "{reports_other}"],
+     ["--reports", "deadbeef", "another --reports folder"]),
+    (["benchmark", "--reports", "{reports_other}"], ["deadbeef"]),
+    (["benchmark", "--dry-run", "--reports", "{reports_torn}"],
+     ["{reports_torn}/default/runs/random-s0/record.json", "unreadable run record"]),
+    (["benchmark", "--dry-run", "data.path={root}/no_such_data"], ["{root}/no_such_data",
+                                                                   "manifest"]),
+    (["device-check", "--quick", "--json", "{root}"], ["--json", "is a directory"]),
+    (["device-check", "--quick", "--json", "{a_file}/figures.json"], ["--json", "{a_file}"]),
+    (["bench-step", "--json", "{root}"], ["--json", "is a directory"]),
+    (["bench-data", "--data", "{data}", "--json", "{root}"], ["--json"]),
+    (["check-cluster", "{cl_wrapped}"], ["head_start_ray_commands", "--host 0.0.0.0"]),
+    (["check-cluster", "{cl_ui}"], ["mlflow ui --host 0.0.0.0"]),
+    (["check-cluster", "{cl_uri}"], ["setup_commands", "password"]),
+    (["check-cluster", "{cl_provider}"], ["provider.aws_secret_access_key"]),
+    (["check-cluster", "{cl_env}"], ["Environment.MLFLOW_TRACKING_TOKEN"]),
     # -- tracking URIs ----------------------------------------------------------------------------
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=./mlruns"], ["file store"]),
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=ftp://host/x"], ["tracking.uri"]),
