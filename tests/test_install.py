@@ -1,8 +1,10 @@
 """An installed copy (``pip install .``, as a cluster image or a Ray runtime environment does it)
 resolves every preset and search space without the checkout."""
+import site
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,13 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")],
                    check=True)
     python = root / "venv" / "bin" / "python"
+    # --system-site-packages sees the base interpreter's packages only: where the tests run in
+    # a virtual environment of their own (a new user's), its packages are added by a .pth file.
+    # Paths listed in a .pth are not scanned for .pth files, so its editable attmask stays out.
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path("
+                              "'purelib'))"], check=True, capture_output=True, text=True)
+    (Path(purelib.stdout.strip()) / "outer-environment.pth").write_text(
+        "\n".join(site.getsitepackages()) + "\n")
     wheel = next((root / "dist").glob("attmask-*.whl"))
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True)
