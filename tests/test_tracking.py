@@ -111,3 +111,14 @@ def test_each_run_registers_its_backbone_once_and_it_loads_by_name_and_version(t
     assert (Path(local) / "teacher_backbone.safetensors").read_bytes() == runs[1].encode()
     with pytest.raises(UserError, match="32 hex digits"):
         tracker.model_version("x' or '1'='1")
+
+
+def test_a_run_whose_monitor_reads_test_is_tagged_selected_on_test():
+    from attmask.config import load_config
+    from pipelines.tracking import code_digest, run_tags
+
+    tags = run_tags(load_config("tiny-cpu"), "r")
+    assert tags["monitor.split"] == "val" and "selected_on" not in tags
+    assert tags["code_digest"] == code_digest() and len(tags["code_digest"]) == 16
+    tags = run_tags(load_config("tiny-cpu", overrides=["train.knn_split=test"]), "r")
+    assert tags["selected_on"] == "test"

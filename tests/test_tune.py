@@ -101,3 +101,21 @@ def test_four_trial_asha_search_stops_the_bad_arm_and_best_config_reruns(
     # running the same search again resumes it (everything already finished)
     again = run_tune(spec, cfg, log=lambda s: None)
     assert again.search_name == result.search_name and len(again.rows) == 4
+
+
+@pytest.mark.parametrize("search", sorted(p.name for p in (ROOT / "tune_configs").glob("*.yaml")))
+def test_every_shipped_search_ranks_trials_on_val_and_says_so(search):
+    """Searches used to rank trials on the test split; they read val, and the plan and
+    best_config.yaml name the split. A search that asks for test is marked."""
+    from pipelines.tune import selection_note
+
+    spec, base = load_spec(ROOT / "tune_configs" / search)
+    if spec.metric.startswith("knn"):
+        assert base.train.knn_split == "val"
+        assert "on the 'val' split" in plan(spec, base)
+        assert "'val' split" in selection_note(spec, base)
+        assert "SELECTED ON TEST" not in selection_note(spec, base)
+    spec, base = load_spec(ROOT / "tune_configs" / search, ["train.knn_split=test"])
+    if spec.metric.startswith("knn"):
+        assert "SELECTED ON TEST" in plan(spec, base)
+        assert "SELECTED ON TEST" in selection_note(spec, base)
