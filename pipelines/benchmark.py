@@ -460,7 +460,8 @@ def _carry_run(tracker: Tracker, record: RunRecord, out: Path) -> None:
             if f.is_file() and f.name != "results.json":
                 shutil.copyfile(f, out / f.name)
     # as the evaluation writes it once logged: with the run that holds it
-    record.results = {**record.results, "mlflow_run_id": record.mlflow_run_id}
+    record.results = {**record.results,
+                      "mlflow_run_id": record.evaluation_run_id or record.mlflow_run_id}
     (out / "results.json").write_text(json.dumps(record.results, indent=1))
     _write_record(out, record)
 

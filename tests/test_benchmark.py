@@ -187,7 +187,7 @@ def test_a_report_folder_carries_its_finished_runs_to_a_fresh_store(bench_run):
         spec = load_benchmark(str(tmp / "bench.yaml"))
         spec.configs = {("random", 0): spec.configs[("random", 0)]}
         redone = run_benchmark(spec, report_root=tmp / "committed", log=lambda s: None)
-        assert not redone.runs[0].skipped and not redone.failed
+        assert not redone.runs[0].skipped and not redone.failed, redone.runs[0].error
         assert '"run_name": "bench-' in record.read_text()  # rewritten by the run that redid it
         gone.append(redone.runs[0].mlflow_run_id)
     finally:

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -218,3 +219,47 @@ def test_a_run_with_batched_colour_resumes_exactly(synthetic_dir, tmp_path):
                                    "train.epochs=1"), log=lambda s: None)
     c = load_file(image.run_dir / "teacher_backbone.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the colour path did change the crops
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc); called while the trainer runs, since
+    once it dies its children are re-parented and no longer found this way."""
+    found, parents = set(), {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def test_a_killed_trainer_leaves_no_data_loader_worker_running(synthetic_dir, tmp_path):
+    config = tiny_yaml(tmp_path / "run.yaml", f"data.path={synthetic_dir}",
+                       f"train.output_dir={tmp_path}", "train.run_name=loaders",
+                       "data.local_crops_number=1", "data.num_workers=2",
+                       "train.steps_per_epoch=50", "train.checkpoint_every_steps=1",
+                       "train.knn_every_epochs=0")
+    proc = start_cli(config)
+    wait_for(tmp_path / "loaders" / "checkpoints" / "step_00000001.pt", proc)
+    workers = children_of(proc.pid)
+    assert len(workers) >= 2  # the loader's worker processes
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 30  # a worker notices its parent is gone within seconds
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if alive(w)], "data-loader workers outlived the trainer"
