@@ -11,10 +11,14 @@ needs equal step counts).
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
+import os
 import random
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Iterator, Optional, Sequence
 
@@ -307,7 +311,27 @@ def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0),
-                      multiprocessing_context="forkserver" if num_workers else None)
+                      multiprocessing_context="forkserver" if num_workers else None,
+                      worker_init_fn=functools.partial(end_with, os.getpid()) if num_workers
+                      else None)
+
+
+def end_with(owner: int, worker_id: int) -> None:
+    """Loader worker start-up: end this worker when the process that made the loader is gone.
+    PyTorch's own watchdog watches a worker's parent, which for forkserver workers is the
+    forkserver; that outlives a trainer killed with SIGKILL (every worker holds the pipe whose
+    end would stop it), so without this the workers ran on forever."""
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # alive (another user's process with that pid)
+                pass
+
+    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
 
 
 def train_batches(dataset: Dataset, cfg: Config, *, epoch: int, steps: int, rank: int = 0,
