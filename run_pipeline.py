@@ -125,7 +125,8 @@ def cmd_evaluate(args) -> int:
     options = EvalOptions(probe_epochs=args.probe_epochs, max_train_samples=args.max_train,
                           max_test_samples=args.max_test,
                           max_attention_samples=args.max_attention,
-                          finetune_epochs=args.finetune_epochs)
+                          finetune_epochs=args.finetune_epochs,
+                          linear_protocol=args.linear_protocol)
     if args.suite is not None:
         options.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
     baselines = tuple(b.strip() for b in args.baselines.split(",")
@@ -341,6 +342,9 @@ def build_parser() -> Parser:
                         "network of the checkpoint's seed), pixels; 'none' to skip")
     p.add_argument("--out", default="eval", help="output directory (results.json, plots)")
     p.add_argument("--probe-epochs", type=count(1), default=100)
+    p.add_argument("--linear-protocol", default="cached", metavar="cached|official",
+                   help="cached: SGD on cached centre views (fast); official: DINO's augmented "
+                        "crops and LR sweep, LR and epoch chosen on the val split")
     p.add_argument("--finetune-epochs", type=count(1), default=3,
                    help="epochs of the short fine-tuning schedule (--suite ...,finetune)")
     p.add_argument("--max-train", type=count(1), help="cap on train images (features)")

@@ -643,6 +643,7 @@ CASES = [
     (["check-cluster", "{cl_uri}"], ["setup_commands", "password"]),
     (["check-cluster", "{cl_provider}"], ["provider.aws_secret_access_key"]),
     (["check-cluster", "{cl_env}"], ["Environment.MLFLOW_TRACKING_TOKEN"]),
+    (EVAL + ["--linear-protocol", "paper"], ["--linear-protocol", "official"]),
     # -- tracking URIs ----------------------------------------------------------------------------
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=./mlruns"], ["file store"]),
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=ftp://host/x"], ["tracking.uri"]),

@@ -213,3 +213,23 @@ def test_external_robustness_set_and_data_checks(tiny_checkpoint, synthetic_dir,
     (small / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="smaller than the model input 32 px"):
         Evaluator.from_checkpoint(tiny_checkpoint, small, cache_dir=tmp_path / "c")
+
+
+def test_the_official_linear_protocol_sweeps_lrs_on_augmented_crops_and_chooses_on_val(
+        tiny_checkpoint, synthetic_dir, tmp_path):
+    """evaluate --linear-protocol official: DINO's augmented-crop probe with iBOT's LR sweep,
+    the LR and epoch chosen on the held-out val split, the test split scored once."""
+    from attmask.eval.linear import OFFICIAL_LRS
+    from attmask.eval.suite import EvalOptions, Evaluator
+
+    options = EvalOptions(suite=["linear"], probe_epochs=2, linear_protocol="official")
+    ev = Evaluator.from_checkpoint(tiny_checkpoint, synthetic_dir, cache_dir=tmp_path,
+                                   options=options)
+    result, _ = ev.linear()
+    val = ev.features("val", 4)
+    assert result["protocol"] == "official" and result["lr"] in OFFICIAL_LRS
+    assert 1 <= result["epoch"] <= 2 and 0 <= result["top1"] <= 1
+    # its val score is a count of the val split's images
+    assert round(result["val_top1"] * len(val.labels), 6).is_integer()
+    with pytest.raises(UserError, match="--linear-protocol"):
+        EvalOptions(linear_protocol="paper").validate()

@@ -37,6 +37,7 @@ from attmask.eval.linear import (
     confusion_matrix,
     train_probe,
     train_probe_lbfgs,
+    train_probe_official,
 )
 from attmask.models.vit import MaskedViT, build_backbone
 from attmask.runtime import load_checkpoint, resolve_device
@@ -44,6 +45,7 @@ from attmask.runtime import load_checkpoint, resolve_device
 SUITE = ["knn", "linear", "fewshot", "robustness", "attention", "finetune"]  # every part
 DEFAULT_SUITE = SUITE[:5]  # fine-tuning trains the whole network: asked for by name
 VARIANT_PREFIX = "test_"
+LINEAR_PROTOCOLS = ("cached", "official")
 
 
 @dataclass
@@ -54,6 +56,11 @@ class EvalOptions:
     linear_blocks: int = 4
     probe_epochs: int = 100
     probe_lr: float = 0.01
+    # cached: SGD on cached centre-view features, epoch chosen on a share of train (fast, the
+    # default); official: DINO's augmented-crop protocol with an LR sweep, LR and epoch chosen on
+    # the val split (comparable with the paper's linear numbers; a forward pass per image and
+    # epoch)
+    linear_protocol: str = "cached"
     shots: tuple[int, ...] = (1, 5, 10, 20)
     max_train_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
@@ -95,6 +102,9 @@ class EvalOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise UserError(f"{name}={value!r}: must be a number > 0")
+        if self.linear_protocol not in LINEAR_PROTOCOLS:
+            raise UserError(f"--linear-protocol {self.linear_protocol!r}: allowed values are "
+                            f"{', '.join(LINEAR_PROTOCOLS)}")
         decay = self.finetune_layer_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
             raise UserError(f"finetune_layer_decay={decay!r}: allowed range is (0, 1]")
@@ -343,12 +353,17 @@ class Evaluator:
     def linear(self) -> tuple[dict, torch.Tensor]:
         b = self.options.linear_blocks
         tr, te = self.features("train", b), self.features("test", b)
-        probe = self._probe(tr)
+        if self.options.linear_protocol == "official" and self.backbone is not None:
+            probe = self._official_probe(b)
+        else:
+            probe = self._probe(tr)
         result = {"top1": accuracy(probe.model, te.features, te.labels),
                   "val_top1": probe.val_top1, "epoch": probe.epoch, "solver": probe.solver,
                   "n_last_blocks": min(b, self.model.max_blocks)}
         if probe.solver == "lbfgs":
             result.update(l2=probe.l2, converged=probe.converged)
+        if probe.solver == "sgd-augmented":
+            result.update(protocol="official", lr=probe.lr)
         return result, confusion_matrix(probe.model, te.features, te.labels, self.num_classes)
 
     def _probe(self, train: Features) -> ProbeResult:
@@ -358,6 +373,25 @@ class Evaluator:
             return train_probe_lbfgs(train.features, train.labels, self.num_classes)
         return train_probe(train.features, train.labels, self.num_classes,
                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
+
+    def _official_probe(self, blocks: int) -> ProbeResult:
+        if "val" not in self.dataset.splits:
+            raise DataError(f"{self.dataset.root}: --linear-protocol official chooses its LR on "
+                            "the val split, which this dataset lacks (prepare-data holds one "
+                            "out unless --val-fraction 0)")
+        val = self.features("val", blocks)
+        keys = stratified_keys(self.dataset, "train", self.options.max_train_samples)
+
+        def train_batches():
+            stream = EvalStream(self.dataset, "train", self.transform, self.options.batch_size,
+                                max_corrupt_fraction=self.cfg.data.max_corrupt_fraction,
+                                keys=keys)
+            return make_loader(stream, 0)
+
+        return train_probe_official(self.backbone, train_batches, val.features, val.labels,
+                                    self.num_classes,
+                                    n_last_blocks=min(blocks, self.model.max_blocks),
+                                    epochs=self.options.probe_epochs, device=self.device)
 
     def fewshot(self) -> dict:
         b = self.options.knn_blocks
