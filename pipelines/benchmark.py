@@ -257,8 +257,9 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
     options_key = options_digest(spec.eval_options(), BASELINES, load_dataset(spec.data_dir),
                                  None)  # the evaluation this benchmark reads, and no other
     with ray_session(address, num_cpus=workers):
-        parent = tracker.open_run(first, spec.bench_name,
-                                  tags={"kind": "benchmark", "benchmark": spec.name})
+        parent = tracker.open_run(first, spec.bench_name,  # it covers every strategy
+                                  tags={"kind": "benchmark", "benchmark": spec.name,
+                                        "strategy": ",".join(spec.strategies)})
         for (strategy, seed), cfg in spec.configs.items():
             runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
                                  log, commit, options_key))
