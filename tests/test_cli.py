@@ -95,13 +95,14 @@ def test_prepare_data_and_pretrain_local_smoke(capsys, tmp_path):
     out = tmp_path / "d"
     code, stdout, _ = run_main(capsys, "prepare-data", "--source", "synthetic", "--out", str(out),
                                "--num-samples", "48", "--num-test-samples", "8")
-    assert code == 0 and "wrote" in stdout and "train 48 in 8 shards" in stdout
+    assert code == 0 and "wrote" in stdout  # 10 % of each class held out as val
+    assert "train 44 in 8 shards, val 4 in 1 shards" in stdout
     code, stdout, _ = run_main(capsys, "prepare-data", "--source", "synthetic", "--out", str(out),
                                "--num-samples", "48", "--num-test-samples", "8")
     assert code == 0 and "nothing to do" in stdout
     code, stdout, _ = run_main(capsys, "pretrain-local", *TINY, f"data.path={out}",
                                "train.epochs=1", f"train.output_dir={tmp_path / 'runs'}")
-    assert code == 0 and "done: 6 steps" in stdout and "epoch 1/1 step 6/6" in stdout
+    assert code == 0 and "done: 5 steps" in stdout and "epoch 1/1 step 5/5" in stdout
 
 
 def test_nan_loss_is_one_line_naming_the_step(capsys, tmp_path, synthetic_dir):
