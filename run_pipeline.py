@@ -164,6 +164,7 @@ def cmd_benchmark(args) -> int:
         claim_report_folder,
         load_benchmark,
         plan,
+        rebuild_report,
         run_benchmark,
     )
 
@@ -181,6 +182,9 @@ def cmd_benchmark(args) -> int:
     print(plan(spec, report_root))
     if args.dry_run:
         print("dry run: every run's config is valid; nothing was trained")
+        return 0
+    if args.report_only:
+        rebuild_report(spec, report_root)
         return 0
     result = run_benchmark(spec, address=args.address, report_root=report_root,
                            fault=args.inject_fault, allow_mixed_code=args.allow_mixed_code)
@@ -371,6 +375,8 @@ def build_parser() -> Parser:
     p.add_argument("--strategies", metavar="random,attmask_high",
                    help="strategies instead of the preset's (finished runs are kept)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from the report folder's finished-run records")
     p.add_argument("--allow-mixed-code", action="store_true",
                    help="pair new runs with finished runs that other code trained")
     add_fault_arg(p)

@@ -354,6 +354,27 @@ def check_same_code(spec: BenchmarkSpec, tracker: Tracker, report_dir: Path, cod
         "folder, or --allow-mixed-code to pair them anyway")
 
 
+def rebuild_report(spec: BenchmarkSpec, report_root: str | Path = REPORT_ROOT,
+                   log: Callable[[str], None] = print) -> BenchmarkResult:
+    """Write the report again from the finished runs' records in the report folder alone (no
+    data, Ray or MLflow): a report rendered by newer report code, or a folder copied from
+    another machine. Runs without a record are left out and the report says it is partial."""
+    report_dir = Path(report_root) / spec.name
+    claim_report_folder(spec, report_dir, write=False)
+    runs = []
+    for (strategy, seed), cfg in spec.configs.items():
+        record = RunRecord(strategy, seed, cfg.train.run_name)
+        if _reuse_record(report_dir / "runs" / f"{strategy}-s{seed}", record):
+            runs.append(record)
+    if not runs:
+        raise UserError(f"--report-only: {report_dir} holds no finished run of benchmark "
+                        f"{spec.bench_name}")
+    md, page = make_report(spec, runs, 0.0, report_root,
+                           git_commit(ignore=report_dir)).write(report_dir)
+    log(f"report: {md} and {page} from {len(runs)} finished run(s)")
+    return BenchmarkResult(runs, md, page, "", 0.0)
+
+
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,
              parent: str, report_dir: Path, fault: Optional[FaultInjection],
              log: Callable[[str], None], commit: str = "unknown",

@@ -442,3 +442,25 @@ def test_a_corrupt_record_is_named_not_trained_over(tmp_path, capsys):
                  "--dry-run"])
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
     assert code == 2 and "--reports" in lines[0] and "not a directory" in lines[0]
+
+
+def test_the_report_is_rebuilt_from_the_folder_alone(bench_run, tmp_path, capsys):
+    """--report-only renders the report again from the records (newer report code, a folder
+    from another machine): no data, no Ray, no tracking store."""
+    tmp, _, first = bench_run
+    folder = tmp_path / "copy"
+    shutil.copytree(tmp / "reports", folder)
+    before = (folder / "bench" / "report.md").read_text()
+    (folder / "bench" / "report.md").unlink()
+    code = main(["benchmark", "--preset", str(tmp / "bench.yaml"), "--reports", str(folder),
+                 "--report-only"])
+    assert code == 0, capsys.readouterr().err
+    after = (folder / "bench" / "report.md").read_text()
+    table = lambda text: text[text.index("## "):]  # noqa: E731 - the tables, not the intro
+    assert table(after) == table(before)
+    assert "Trained by: commit" in after
+    empty = tmp_path / "empty"
+    (empty / "bench").mkdir(parents=True)
+    assert main(["benchmark", "--preset", str(tmp / "bench.yaml"), "--reports", str(empty),
+                 "--report-only"]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
