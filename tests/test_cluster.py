@@ -197,7 +197,7 @@ def test_job_submission_to_a_local_head(tmp_path):
         assert started.returncode == 0, started.stderr[-2000:]
         out = tmp_path / "jobdata"
         entrypoint = (f"{sys.executable} run_pipeline.py prepare-data --source synthetic "
-                      f"--out {out} --num-samples 16 --num-test-samples 4")
+                      f"--out {out} --num-samples 16 --num-test-samples 4 --val-fraction 0")
         # Ray 2.60 heads require the auth token: a client sends it with RAY_AUTH_MODE=token
         client = subprocess.run([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{dash}",
                                  entrypoint, str(ROOT)], capture_output=True, text=True,
