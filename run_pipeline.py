@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from attmask import __version__
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
@@ -138,6 +140,16 @@ def cmd_evaluate(args) -> int:
                            architecture=cfg if args.preset or args.config else None)
     print(f"done: results in {Path(args.out) / 'results.json'}; MLflow run "
           f"{results['mlflow_run_id']}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from attmask.eval.features import embed_dataset
+
+    out = embed_dataset(args.checkpoint, args.data, args.out, split=args.split,
+                        n_last_blocks=args.blocks, limit=args.max_images,
+                        tracking_uri=args.tracking_uri)
+    print(f"done: features of {args.data} ({args.split}) in {out}")
     return 0
 
 
@@ -315,6 +327,7 @@ def cmd_bench_data(args) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="run_pipeline.py", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"attmask {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
 
     p = sub.add_parser("pretrain-local", help="pretrain in this process (no Ray)")
@@ -334,8 +347,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("evaluate", help="k-NN, linear, few-shot, robustness, attention as Ray tasks")
     add_config_args(p, None)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="state.pt, a Ray checkpoint dir, or .safetensors "
-                                          "(with --preset/--config for the architecture)")
+    src.add_argument("--checkpoint", help="state.pt, a Ray checkpoint dir, an exported "
+                                          ".safetensors, models:/NAME/VERSION or runs:/ID/model")
     src.add_argument("--mlflow-run", help="pretraining run id (its logged checkpoint is used)")
     p.add_argument("--data", required=True, help="shard directory with dataset.json")
     p.add_argument("--suite", help="comma list of knn,linear,fewshot,robustness,attention "
@@ -438,6 +451,20 @@ def build_parser() -> Parser:
                    help="synthetic only: random (per image) or fixed (one object colour, two "
                         "greys: the data on which a few hundred steps show learning)")
     p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("embed", help="write a trained backbone's features of a dataset (.npz)")
+    p.add_argument("--checkpoint", required=True,
+                   help="an exported .safetensors, state.pt, a run or checkpoint folder, "
+                        "models:/NAME/VERSION or runs:/ID/model")
+    p.add_argument("--data", required=True, help="shard directory with dataset.json")
+    p.add_argument("--out", required=True, help="the .npz to write (features, labels, keys)")
+    p.add_argument("--split", default="test", help="which split (default: test)")
+    p.add_argument("--blocks", type=count(1), default=1,
+                   help="concatenate the [CLS] of the last N blocks (default 1)")
+    p.add_argument("--max-images", type=count(1), help="a class-stratified subset of N images")
+    p.add_argument("--tracking-uri", help="for models:/ and runs:/ references (default: "
+                                          "$MLFLOW_TRACKING_URI, else sqlite:///runs/ray/mlflow.db)")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("bench-data", help="decode + multi-crop throughput of a shard directory")
     p.add_argument("--data", required=True)

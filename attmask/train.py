@@ -25,6 +25,7 @@ from attmask.errors import (
     Interrupted,
     check_output_dir,
 )
+from attmask.models.export import save_backbone
 from attmask.monitor import OnlineKnn
 from attmask.runtime import load_checkpoint
 
@@ -211,13 +212,9 @@ def latest_step(directory: Path) -> Optional[int]:
 
 
 def export_teacher(engine: Engine, path: Path) -> Path:
-    """Teacher backbone as safetensors with timm's key names (``timm.create_model`` loads it)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous()
-             for k, v in engine.teacher.backbone.backbone_state_dict().items()}
-    save_file(state, str(path))
-    return path
+    """Teacher backbone as safetensors with timm's key names and its architecture in the
+    metadata (:func:`attmask.load_backbone` and ``timm.create_model`` load it)."""
+    return save_backbone(engine.teacher.backbone, engine.cfg, path)
 
 
 def pretrain_local(cfg: Config, *, device: Optional[torch.device] = None,

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from attmask import masking
+from attmask import __version__, masking
 from attmask.config import (
     LATER_KEYS,
     PRESET_DIR,
@@ -548,7 +548,7 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
                                             trained_by.items()) +
                  (" -- MIXED CODE: the paired differences include the code change (run with "
                   "--allow-mixed-code)." if len({r.code_digest for r in runs if not r.error}) > 1
-                  else "."))
+                  else ".") + f" Report written by attmask {__version__}.")
     if first.train.knn_split == "test":
         intro.append("SELECTED ON TEST: the runs' online k-NN monitor read the test split "
                      "(train.knn_split=test), so anything chosen by it is optimistic on test.")

@@ -30,6 +30,7 @@ from attmask.eval.baselines import BASELINES
 from attmask.eval.results import FORMAT as RESULTS_FORMAT
 from attmask.eval.results import lookup, metric_paths
 from attmask.eval.suite import EvalOptions, Evaluator, manifest_id
+from attmask.models.export import MLFLOW_URI, resolve_reference
 from pipelines import tracking
 from pipelines.ray_session import ray_session
 
@@ -189,6 +190,9 @@ def run_evaluate(cfg: Config, *, data: str, checkpoint: Optional[str] = None,
     if mlflow_run is not None:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = str(fetch_checkpoint(tracker, mlflow_run, out))
+    elif MLFLOW_URI.fullmatch(checkpoint):  # models:/NAME/VERSION, runs:/ID/PATH
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = str(resolve_reference(checkpoint, tracker.uri, out / "backbone"))
     # Validate checkpoint and data here, before any task is scheduled.
     checked = Evaluator.from_checkpoint(checkpoint, data, config=architecture,
                                         cache_dir=out / "features", options=options,

@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from attmask import __version__
 from attmask.config import SAFE_NAME, Config
 from attmask.errors import ConfigError, UserError
 
@@ -146,7 +147,7 @@ def code_digest() -> str:
 def run_tags(cfg: Config, run_name: str) -> dict[str, str]:
     tags = {RUN_NAME_TAG: run_name, "strategy": cfg.masking.strategy,
             "framework": cfg.loss.framework, "git_commit": git_commit(),
-            "code_digest": code_digest(),
+            "code_digest": code_digest(), "attmask_version": __version__,
             "monitor.split": cfg.train.knn_split}
     if cfg.train.knn_split == "test":  # its online k-NN, and what it steers, read test
         tags["selected_on"] = "test"

@@ -293,6 +293,7 @@ def snapshot(*roots: str) -> dict[str, str]:
 
 TRAIN = ["pretrain-local", "--config", "{cfg_ok}"]
 EVAL = ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{existing_eval}"]
+EMBED = ["embed", "--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{root}/e.npz"]
 PREP = ["prepare-data", "--out", "{root}/prep_out"]
 GOOD_PREP = PREP + ["--source", "synthetic", "--num-samples", "40", "--num-test-samples", "8"]
 
@@ -644,6 +645,15 @@ CASES = [
     (["check-cluster", "{cl_provider}"], ["provider.aws_secret_access_key"]),
     (["check-cluster", "{cl_env}"], ["Environment.MLFLOW_TRACKING_TOKEN"]),
     (EVAL + ["--linear-protocol", "paper"], ["--linear-protocol", "official"]),
+    (EMBED + ["--split", "nope"], ["--split nope", "train"]),
+    (EMBED[:-1] + ["{root}/features.csv"], ["--out", ".npz"]),
+    (EMBED[:-1] + ["{root}"], ["--out", "is a directory"]),
+    (EMBED + ["--blocks", "0"], ["--blocks"]),
+    (EMBED + ["--blocks", "3"], ["--blocks 3", "1-2"]),  # the tiny model has 2 blocks
+    (["embed", "--checkpoint", "{root}/none.pt", "--data", "{data}", "--out", "{root}/e.npz"],
+     ["checkpoint not found", "models:/NAME/VERSION"]),
+    (["embed", "--checkpoint", "models:/attmask-teacher/1", "--data", "{data}", "--out",
+      "{root}/e.npz"], ["models:/attmask-teacher/1", "runs/ray/mlflow.db", "does not exist"]),
     # -- tracking URIs ----------------------------------------------------------------------------
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=./mlruns"], ["file store"]),
     (["pretrain", "--config", "{cfg_ok}", "tracking.uri=ftp://host/x"], ["tracking.uri"]),

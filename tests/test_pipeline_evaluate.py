@@ -2,11 +2,14 @@
 import json
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+import attmask
 from attmask.errors import UserError
 from attmask.eval.results import decode_hits
 from attmask.eval.suite import EvalOptions
+from attmask.models.export import load_teacher
 from conftest import tiny_config
 from pipelines.evaluate import (
     CANONICAL_TAG,
@@ -97,6 +100,18 @@ def test_evaluate_mlflow_run_end_to_end(ray_local, synthetic_dir, tmp_path):
         evaluation.info.run_id
     assert dict(registry.get_model_version(*trained.model_version.split("/")).tags) == tags
     assert tags["evaluation_run"] == evaluation.info.run_id
+    # The registered version is a backbone in one line, and `evaluate` takes its URI: the same
+    # k-NN as the ad-hoc evaluation of the run's full checkpoint.
+    uri = f"models:/{trained.model_version}"
+    backbone = attmask.load_backbone(uri, tracking_uri=trained.tracking_uri)
+    teacher, _ = load_teacher(on_disk["checkpoint"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), teacher.cls_features(images))
+    by_uri = run_evaluate(cfg, data=str(synthetic_dir), checkpoint=uri, baselines=(),
+                          out_dir=str(tmp_path / "by_uri"),
+                          options=EvalOptions(suite=["knn"], max_test_samples=8), log=print)
+    assert by_uri["knn"] == adhoc["knn"]
 
 
 def test_evaluate_needs_exactly_one_checkpoint_source(synthetic_dir, tmp_path):

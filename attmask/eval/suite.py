@@ -16,10 +16,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from attmask.config import Config, ModelConfig, from_dict
+from attmask.config import Config
 from attmask.data.shards import Dataset, load_dataset
 from attmask.data.sources import check_image_npz
 from attmask.data.stream import EvalStream, make_loader, stratified_keys, stratified_subset
@@ -39,8 +38,9 @@ from attmask.eval.linear import (
     train_probe_lbfgs,
     train_probe_official,
 )
-from attmask.models.vit import MaskedViT, build_backbone
-from attmask.runtime import load_checkpoint, resolve_device
+from attmask.models.export import load_teacher
+from attmask.models.vit import MaskedViT
+from attmask.runtime import resolve_device
 
 SUITE = ["knn", "linear", "fewshot", "robustness", "attention", "finetune"]  # every part
 DEFAULT_SUITE = SUITE[:5]  # fine-tuning trains the whole network: asked for by name
@@ -113,58 +113,6 @@ class EvalOptions:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_teacher(checkpoint: str | Path, config: Optional[Config] = None
-                 ) -> tuple[MaskedViT, Config]:
-    """Teacher backbone from a full checkpoint (``state.pt``, or a directory holding one) or a
-    timm-keyed ``.safetensors`` file (which needs ``config`` for the architecture)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "state.pt"
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        if config is None:
-            raise UserError(f"{path}: a .safetensors backbone needs --config/--preset for its "
-                            "architecture")
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign file
-            raise UserError(f"checkpoint {path} is not a readable .safetensors file "
-                            f"({str(exc).splitlines()[0][:160]})") from exc
-        cfg = config
-    else:
-        full = load_checkpoint(path)
-        if "teacher" not in full or "config" not in full:
-            raise UserError(f"checkpoint {path} has no 'teacher' and 'config' entries "
-                            "(not an attmask training checkpoint)")
-        cfg = from_dict(yaml.safe_load(full["config"])).validate()
-        if config is not None:
-            cfg.tracking, cfg.data = config.tracking, config.data
-        prefix = "backbone."
-        state = {k[len(prefix):]: v for k, v in full["teacher"].items() if k.startswith(prefix)}
-    backbone = build_backbone(cfg.model, drop_path=0.0)
-    expected = set(backbone.state_dict()) - {"mask_token"}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected - {"mask_token"})
-    wrong = sorted(k for k in expected & set(state)
-                   if tuple(state[k].shape) != tuple(backbone.state_dict()[k].shape))
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                           for what, keys in (("missing keys", missing),
-                                              ("unexpected keys", unexpected),
-                                              ("shape mismatch", wrong)) if keys)
-        raise UserError(f"checkpoint {path} does not fit model {describe(cfg.model)} ({detail})")
-    backbone.load_state_dict(state, strict=False)  # only mask_token may be absent
-    return backbone.eval(), cfg
-
-
-def describe(m: ModelConfig) -> str:
-    dim, depth, heads = m.dims
-    return f"{m.arch} (dim {dim}, depth {depth}, {heads} heads, patch {m.patch_size}, {m.image_size} px)"
 
 
 def npz_batches(path: Path, transform: EvalTransform, batch_size: int,
