@@ -183,7 +183,11 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
             if (built := check()) is not None:
                 built.validate()
         except UserError as exc:
-            raise ConfigError(f"{path}: {where}: {exc}") from exc
+            hint = ""
+            if where == "data" and data.get("from") and not Path(data["from"]).exists():
+                hint = (f"; with a copy elsewhere, write its shards with `prepare-data --source "
+                        f"{data['source']} --from YOUR_COPY --out DIR` and pass data.path=DIR")
+            raise ConfigError(f"{path}: {where}: {exc}{hint}") from exc
     base = {**spec.overrides, "data.path": str(Path(spec.data_dir))}
     source = config_source(model_preset)
     for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
@@ -260,9 +264,16 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
         parent = tracker.open_run(first, spec.bench_name,  # it covers every strategy
                                   tags={"kind": "benchmark", "benchmark": spec.name,
                                         "strategy": ",".join(spec.strategies)})
-        for (strategy, seed), cfg in spec.configs.items():
-            runs.append(_one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
-                                 log, commit, options_key))
+        trained_s: list[float] = []  # wall time of each run trained by this invocation
+        for index, ((strategy, seed), cfg) in enumerate(spec.configs.items()):
+            log(progress_line(index, len(spec.configs), strategy, seed,
+                              time.perf_counter() - start, trained_s))
+            run_start = time.perf_counter()
+            record = _one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
+                              log, commit, options_key)
+            runs.append(record)
+            if not (record.skipped or record.error):
+                trained_s.append(time.perf_counter() - run_start)
             if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
                 make_report(spec, runs, time.perf_counter() - start, report_root,
                             commit).write(report_dir)
@@ -373,6 +384,18 @@ def rebuild_report(spec: BenchmarkSpec, report_root: str | Path = REPORT_ROOT,
                            git_commit(ignore=report_dir)).write(report_dir)
     log(f"report: {md} and {page} from {len(runs)} finished run(s)")
     return BenchmarkResult(runs, md, page, "", 0.0)
+
+
+def progress_line(index: int, total: int, strategy: str, seed: int, elapsed_s: float,
+                  trained_s: list[float]) -> str:
+    """The job's position ("run 3 of 6") and, once this invocation has trained a run, the time
+    left at the mean of those runs (runs finished earlier are reused in seconds, so it is an
+    upper estimate)."""
+    line = f"run {index + 1} of {total}: {strategy} seed {seed}; {elapsed_s / 60:.0f} min so far"
+    if trained_s:
+        left = (total - index) * sum(trained_s) / len(trained_s)
+        line += f", about {left / 60:.0f} min left for the {total - index} run(s) to go"
+    return line
 
 
 def _one_run(spec: BenchmarkSpec, strategy: str, seed: int, cfg: Config, tracker: Tracker,

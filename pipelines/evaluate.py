@@ -118,16 +118,18 @@ def _evaluate_parts(args: dict, suite: list[str], task, log: Callable[[str], Non
     for p in parts:
         results[p["part"]] = p["result"]
         pictures.update(p["pictures"])
-        log(f"{label}{p['part']}: {json.dumps(_scores(p['result']))[:300]} "
-            f"({p['seconds']:.1f}s)")
+        log(f"{label}{p['part']}: {headline(p['part'], p['result'])} ({p['seconds']:.1f}s)")
     return results, pictures
 
 
-def _scores(result: object) -> object:
-    """A part's result without its per-image hits, for the log."""
-    if isinstance(result, dict):
-        return {k: _scores(v) for k, v in result.items() if k not in ("hits", "images")}
-    return result
+def headline(part: str, result: dict) -> str:
+    """A part's main figures in % for the console, e.g. ``k20_top1 70.9, k200_top1 64.2``
+    (top-5 and spreads stay in ``results.json``)."""
+    wrapped = {part: result}
+    shown = [f"{name.removeprefix(part + '_')} {100 * lookup(wrapped, path):.1f}"
+             for name, path in metric_paths(wrapped).items()
+             if not name.endswith(("_top5", "_std"))]
+    return (", ".join(shown) + " (%)") if shown else "no figures (see results.json)"
 
 
 def _baseline(kind: str, model_cfg: Config, args: dict, suite: list[str], task, cache: Path,

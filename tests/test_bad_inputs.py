@@ -645,6 +645,8 @@ CASES = [
     (["check-cluster", "{cl_provider}"], ["provider.aws_secret_access_key"]),
     (["check-cluster", "{cl_env}"], ["Environment.MLFLOW_TRACKING_TOKEN"]),
     (EVAL + ["--linear-protocol", "paper"], ["--linear-protocol", "official"]),
+    (["benchmark", "--preset", "cifar10-cpu", "--dry-run"],  # without ../shared/data
+     ["../shared/data/cifar10", "prepare-data --source cifar10", "data.path=DIR"]),
     (EMBED + ["--split", "nope"], ["--split nope", "train"]),
     (EMBED[:-1] + ["{root}/features.csv"], ["--out", ".npz"]),
     (EMBED[:-1] + ["{root}"], ["--out", "is a directory"]),

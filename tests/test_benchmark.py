@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, tiny_yaml
-from pipelines.benchmark import load_benchmark, run_benchmark
+from pipelines.benchmark import load_benchmark, progress_line, run_benchmark
 from pipelines.tracking import git_commit
 from run_pipeline import main
 
@@ -222,16 +222,27 @@ def test_more_seeds_train_only_the_new_runs_and_the_report_says_how(bench_run):
     with ``--seeds`` (or ``--strategies``) keeps what it finished."""
     tmp, spec, first = bench_run
     shutil.copytree(tmp / "reports", tmp / "extended")
+    logged = []
     more = run_benchmark(load_benchmark(str(tmp / "bench.yaml"), seeds=[0, 1],
                                         strategies=["random"]),
-                         report_root=tmp / "extended", log=lambda s: None)
+                         report_root=tmp / "extended", log=logged.append)
     assert not more.failed
+    # the job's position in its progress lines; no time left is guessed from a reused run
+    assert [line for line in logged if line.startswith("run ")] == [
+        "run 1 of 2: random seed 0; 0 min so far", "run 2 of 2: random seed 1; 0 min so far"]
     assert [(r.strategy, r.seed, r.skipped) for r in more.runs] == [("random", 0, True),
                                                                     ("random", 1, False)]
     assert more.runs[0].results["knn"] == first.runs[0].results["knn"]
     assert more.runs[1].run_name == spec.run_name("random", 1)  # the name it always had
     assert (f"Reproduce: python run_pipeline.py benchmark --preset bench --reports "
             f"{tmp / 'extended'} --seeds 0,1 --strategies random\n") in more.report_md.read_text()
+
+
+def test_progress_says_which_run_of_the_job_and_how_long_the_rest_takes():
+    assert progress_line(0, 6, "random", 0, 5.0, []) == "run 1 of 6: random seed 0; 0 min so far"
+    assert progress_line(2, 6, "attmask_high", 1, 1500.0, [600.0, 900.0]) == (
+        "run 3 of 6: attmask_high seed 1; 25 min so far, about 50 min left for the 4 run(s) "
+        "to go")
 
 
 def test_the_run_names_depend_on_the_shared_settings_not_on_the_lists(tmp_path):

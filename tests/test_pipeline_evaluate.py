@@ -15,6 +15,7 @@ from pipelines.evaluate import (
     CANONICAL_TAG,
     EVALUATES_TAG,
     flat_metrics,
+    headline,
     options_digest,
     run_evaluate,
 )
@@ -223,3 +224,12 @@ def test_an_evaluation_is_keyed_by_everything_that_determines_its_numbers(synthe
     checkpoint.write_bytes(b"weights")
     names = {evaluation_run_name(checkpoint, key) for key in (base, *variants)}
     assert len(names) == 5
+
+
+def test_the_console_shows_each_parts_headline_not_its_json():
+    knn = {f"k{k}": {"top1": 0.7, "top5": 0.9, "n": 3000, "hits": "QUJD" * 100,
+                     "images": "x" * 400} for k in (10, 20, 100, 200)}
+    line = headline("knn", knn)
+    assert line == "k10_top1 70.0, k20_top1 70.0, k100_top1 70.0, k200_top1 70.0 (%)"
+    assert headline("robustness", {"variants": {"original": 0.5}, "bg_gap": 0.25}) == \
+        "original 50.0, bg_gap 25.0 (%)"
