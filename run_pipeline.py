@@ -185,7 +185,8 @@ def cmd_benchmark(args) -> int:
     if strategies is not None and not all(s.strip() for s in strategies):
         raise ConfigError(f"--strategies {args.strategies!r}: a comma list of strategies, e.g. "
                           "random,attmask_high")
-    spec = load_benchmark(args.preset, args.overrides, seeds=args.seeds, strategies=strategies)
+    spec = load_benchmark(args.preset, args.overrides, seeds=args.seeds, strategies=strategies,
+                          resolve=args.resolve, max_seeds=args.max_seeds)
     claim_report_folder(spec, Path(report_root) / spec.name, write=False)  # dry run or not
     if spec.data.get("path") and "://" not in spec.data["path"]:
         from attmask.data.shards import load_dataset
@@ -387,6 +388,12 @@ def build_parser() -> Parser:
                    help="seeds instead of the preset's (finished runs are kept)")
     p.add_argument("--strategies", metavar="random,attmask_high",
                    help="strategies instead of the preset's (finished runs are kept)")
+    p.add_argument("--resolve", type=float, metavar="MARGIN",
+                   help="add seeds until each strategy's k-NN difference from the first "
+                        "strategy is decided: better, worse or equivalent within +-MARGIN "
+                        "points (sequential rule with a 5 %% error rate, docs/usage.md)")
+    p.add_argument("--max-seeds", type=count(2), metavar="N",
+                   help="with --resolve: at most N seeds per strategy (default 10)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the report folder's finished-run records")

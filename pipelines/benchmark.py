@@ -41,13 +41,15 @@ from attmask.data.prepare import PrepareArgs
 from attmask.data.shards import load_dataset
 from attmask.errors import ConfigError, UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
-from attmask.eval.results import KNN_TOP1, LINEAR_TOP1
+from attmask.eval.results import KNN_TOP1, LINEAR_TOP1, lookup
+from attmask.eval.sequential import Decision, SequentialPlan, decide
 from attmask.eval.suite import DEFAULT_SUITE, EvalOptions
 from pipelines.faults import FaultInjection
 from pipelines.report import (
     Report,
     Rows,
     RunRecord,
+    Table,
     build_figures,
     build_tables,
     metric_values,
@@ -58,7 +60,7 @@ from pipelines.tracking import RUN_NAME_TAG, Tracker, code_digest, git_commit
 
 BENCH_DIR = PRESET_DIR / "benchmark"
 TOP_KEYS = {"description", "smoke", "data", "preset", "overrides", "strategies", "seeds",
-            "evaluation"}
+            "evaluation", "resolve", "max_seeds"}
 DATA_KEYS = {"source", "from", "out", "path", "num_samples", "num_test_samples", "per_class",
              "image_size", "seed", "colours", "num_variant_samples", "val_fraction",
              "val_per_class"}
@@ -84,6 +86,19 @@ class BenchmarkSpec:
     digest: str = ""
     cli_overrides: list[str] = field(default_factory=list)
     cli_flags: list[str] = field(default_factory=list)  # --seeds / --strategies, as given
+    # resolve: add seeds until each strategy-vs-reference comparison is decided
+    sequential: Optional[SequentialPlan] = None
+    run_overrides: dict[str, Any] = field(default_factory=dict)  # every run's, but seed/strategy
+
+    def add_run(self, strategy: str, seed: int) -> Config:
+        """The config of one more (strategy, seed) run, named like every other."""
+        cfg = load_config(path=config_source(self.preset), overrides={
+            **self.run_overrides, "masking.strategy": strategy, "train.seed": seed})
+        cfg.train.run_name = self.run_name(strategy, seed)
+        self.configs[(strategy, seed)] = cfg
+        if seed not in self.seeds:
+            self.seeds.append(seed)
+        return cfg
 
     def command(self, report_root: str | Path = REPORT_ROOT) -> str:
         """The command line that reruns (or continues) this benchmark into the same folder."""
@@ -130,7 +145,9 @@ class BenchmarkSpec:
 
 def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
                    seeds: Optional[list[int]] = None,
-                   strategies: Optional[list[str]] = None) -> BenchmarkSpec:
+                   strategies: Optional[list[str]] = None,
+                   resolve: Optional[float] = None,
+                   max_seeds: Optional[int] = None) -> BenchmarkSpec:
     """Read ``configs/benchmark/PRESET.yaml`` (or a path to such a file) and resolve + validate
     every run's config. ``seeds`` and ``strategies`` replace the preset's lists (``--seeds``,
     ``--strategies``): runs already finished under the same preset are kept."""
@@ -153,7 +170,9 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
     if not data.get("path") and not (data.get("source") and data.get("out")):
         raise ConfigError(f"{path}: data needs either path (existing shards) or source and out")
     flags = [*(["--seeds", ",".join(map(str, seeds))] if seeds else []),
-             *(["--strategies", ",".join(strategies)] if strategies else [])]
+             *(["--strategies", ",".join(strategies)] if strategies else []),
+             *(["--resolve", f"{resolve:g}"] if resolve is not None else []),
+             *(["--max-seeds", str(max_seeds)] if max_seeds is not None else [])]
     where = "--strategies" if strategies else f"{path}: strategies"
     strategies = strategies or raw.get("strategies") or list(masking.available())
     for s in strategies:
@@ -172,11 +191,13 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
         if key in swept:
             raise ConfigError(f"override {key}: the benchmark sets it per run (use {swept[key]} "
                               "instead)")
+    sequential = sequential_plan(path, raw, seeds, resolve, max_seeds)
     model_preset = raw.get("preset", "tiny-cpu")
     spec = BenchmarkSpec(preset, raw.get("description", preset), bool(raw.get("smoke", False)),
                          data, model_preset, dict(raw.get("overrides") or {}),
                          strategies, seeds, dict(raw.get("evaluation") or {}),
-                         cli_overrides=list(cli_overrides or []), cli_flags=flags)
+                         cli_overrides=list(cli_overrides or []), cli_flags=flags,
+                         sequential=sequential)
     # Everything a real run would reject later, rejected now (dry run or not).
     for where, check in (("data", spec.prepare_args), ("evaluation", spec.eval_options)):
         try:
@@ -188,12 +209,12 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
                 hint = (f"; with a copy elsewhere, write its shards with `prepare-data --source "
                         f"{data['source']} --from YOUR_COPY --out DIR` and pass data.path=DIR")
             raise ConfigError(f"{path}: {where}: {exc}{hint}") from exc
-    base = {**spec.overrides, "data.path": str(Path(spec.data_dir))}
+    spec.run_overrides = {**spec.overrides, "data.path": str(Path(spec.data_dir)), **cli}
     source = config_source(model_preset)
     for seed in seeds:  # seed-major: an interrupted benchmark has complete pairs to compare
         for strategy in strategies:
             spec.configs[(strategy, seed)] = load_config(path=source, overrides={
-                **base, "masking.strategy": strategy, "train.seed": seed, **cli})
+                **spec.run_overrides, "masking.strategy": strategy, "train.seed": seed})
     # The digest covers what every run shares, not the lists of strategies and seeds: a
     # benchmark given more seeds or strategies keeps the runs it has finished.
     shared = next(iter(spec.configs.values())).to_dict()
@@ -210,6 +231,51 @@ def load_benchmark(preset: str, cli_overrides: Optional[list[str]] = None, *,
     return spec
 
 
+def sequential_plan(path: Path, raw: dict, seeds: list[int], resolve: Optional[float],
+                    max_seeds: Optional[int]) -> Optional[SequentialPlan]:
+    """The plan of ``--resolve MARGIN --max-seeds N`` (or ``resolve:`` / ``max_seeds:`` in the
+    file), or None for a fixed list of seeds."""
+    margin = resolve if resolve is not None else raw.get("resolve")
+    most = max_seeds if max_seeds is not None else raw.get("max_seeds")
+    if margin is None:
+        if most is not None:
+            raise ConfigError(f"max_seeds={most}: only with resolve (--resolve MARGIN)")
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+        raise ConfigError(f"resolve={margin!r}: a margin in points > 0, e.g. 1.0")
+    most = 10 if most is None else most
+    if isinstance(most, bool) or not isinstance(most, int) or most < max(2, len(seeds)):
+        raise ConfigError(f"max_seeds={most!r}: an integer >= 2 and >= the {len(seeds)} "
+                          f"seed(s) given ({path})")
+    return SequentialPlan(margin=float(margin), min_seeds=2, max_seeds=most)
+
+
+def sequential_decisions(runs: list[RunRecord], strategies: list[str],
+                         plan: SequentialPlan) -> dict[str, list[Decision]]:
+    """For each strategy against the reference (the first one): the decision after each seed
+    of its paired k-NN top-1 differences (points), in seed order."""
+    knn = {(r.strategy, r.seed): lookup(r.results, KNN_TOP1) for r in runs if not r.error}
+    reference, decisions = strategies[0], {}
+    for strategy in strategies[1:]:
+        seeds = sorted(seed for (s, seed), v in knn.items() if s == strategy and v is not None
+                       and knn.get((reference, seed)) is not None)
+        diffs = [100 * (knn[(strategy, seed)] - knn[(reference, seed)]) for seed in seeds]
+        decisions[strategy] = [decide(diffs[:n], plan) for n in range(1, len(diffs) + 1)] or \
+            [decide([], plan)]
+    return decisions
+
+
+def next_round(spec: BenchmarkSpec, runs: list[RunRecord]) -> list[str]:
+    """The strategies the sequential plan gives one more seed (the reference comes first when
+    any does); empty when every comparison is decided or the seeds are spent."""
+    if spec.sequential is None or len(spec.seeds) >= spec.sequential.max_seeds:
+        return []
+    pending = [s for s, history in sequential_decisions(runs, spec.strategies,
+                                                        spec.sequential).items()
+               if history[-1].more]
+    return [spec.strategies[0], *pending] if pending else []
+
+
 def plan(spec: BenchmarkSpec, report_root: str | Path = REPORT_ROOT) -> str:
     first = next(iter(spec.configs.values()))
     data = spec.data.get("path") or f"{spec.data['source']} -> {spec.data['out']}"
@@ -220,7 +286,10 @@ def plan(spec: BenchmarkSpec, report_root: str | Path = REPORT_ROOT) -> str:
         f"{first.model.image_size} px), {first.train.epochs} epochs, "
         f"{first.ray.num_workers} worker(s) per run",
         f"runs: {len(spec.configs)} = strategies {', '.join(spec.strategies)} x seeds "
-        f"{spec.seeds}",
+        f"{spec.seeds}" + (
+            f"; then one more seed at a time for each comparison with {spec.strategies[0]} "
+            f"not yet decided within +-{spec.sequential.margin:g} points (k-NN top-1), up to "
+            f"{spec.sequential.max_seeds} seeds" if spec.sequential else ""),
         f"evaluation: {', '.join(spec.evaluation.get('suite', DEFAULT_SUITE))}",
         f"report: {Path(report_root) / spec.name}/report.md and report.html"])
 
@@ -265,16 +334,25 @@ def run_benchmark(spec: BenchmarkSpec, *, address: Optional[str] = None,
                                   tags={"kind": "benchmark", "benchmark": spec.name,
                                         "strategy": ",".join(spec.strategies)})
         trained_s: list[float] = []  # wall time of each run trained by this invocation
-        for index, ((strategy, seed), cfg) in enumerate(spec.configs.items()):
-            log(progress_line(index, len(spec.configs), strategy, seed,
+        queue = list(spec.configs)
+        while queue:
+            strategy, seed = queue.pop(0)
+            log(progress_line(len(runs), len(spec.configs), strategy, seed,
                               time.perf_counter() - start, trained_s))
             run_start = time.perf_counter()
-            record = _one_run(spec, strategy, seed, cfg, tracker, parent, report_dir, fault,
-                              log, commit, options_key)
+            record = _one_run(spec, strategy, seed, spec.configs[(strategy, seed)], tracker,
+                              parent, report_dir, fault, log, commit, options_key)
             runs.append(record)
             if not (record.skipped or record.error):
                 trained_s.append(time.perf_counter() - run_start)
-            if len(runs) < len(spec.configs):  # a long benchmark shows what it has so far
+            if not queue and (more := next_round(spec, runs)):  # the sequential plan's round
+                seed = max(spec.seeds) + 1
+                log(f"seed {seed} for {', '.join(more[1:])} (not decided yet) and "
+                    f"{more[0]}, its reference")
+                for strategy in more:
+                    spec.add_run(strategy, seed)
+                    queue.append((strategy, seed))
+            if queue:  # a long benchmark shows what it has so far
                 make_report(spec, runs, time.perf_counter() - start, report_root,
                             commit).write(report_dir)
     wall = time.perf_counter() - start
@@ -293,8 +371,7 @@ def claim_report_folder(spec: BenchmarkSpec, report_dir: Path, write: bool = Tru
     (or, for folders written before that file, its records' run names). Another benchmark's
     runs would overwrite its records and report, so it is refused, with nothing touched; a
     record that cannot be read is named, never silently trained over."""
-    check_output_dir(report_dir.parent, "--reports")
-    check_output_dir(report_dir, "--reports")
+    check_output_dir(report_dir, "--reports")  # also names a --reports that is a file
     owners = set()
     identity = report_dir / IDENTITY_FILE
     if identity.is_file():
@@ -591,8 +668,38 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
     if failed:
         intro.append("FAILED RUNS: " + "; ".join(f"{r.run_name}: {r.error}" for r in failed))
     lead = takeaways(Rows.of(runs, spec.strategies), spec.strategies)
-    return Report(f"attmask benchmark: {spec.name}", lead + intro,
-                  build_tables(runs, spec.strategies), build_figures(runs, spec.strategies))
+    tables = build_tables(runs, spec.strategies)
+    if spec.sequential is not None:
+        tables.insert(1, sequential_table(runs, spec.strategies, spec.sequential))
+    return Report(f"attmask benchmark: {spec.name}", lead + intro, tables,
+                  build_figures(runs, spec.strategies))
+
+
+def sequential_table(runs: list[RunRecord], strategies: list[str],
+                     plan: SequentialPlan) -> Table:
+    """Each comparison's verdict, why it stopped, and its interval after every seed."""
+    rows = []
+    for strategy, history in sequential_decisions(runs, strategies, plan).items():
+        last = history[-1]
+        rounds = "; ".join(f"{d.seeds}: [{d.low:+.1f}, {d.high:+.1f}]" for d in history
+                           if not math.isnan(d.low))
+        rows.append([strategy, str(last.seeds),
+                     "—" if math.isnan(last.mean) else f"{last.mean:+.1f}",
+                     "—" if math.isnan(last.low) else f"[{last.low:+.1f}, {last.high:+.1f}]",
+                     last.verdict, last.reason + (" (running: add seeds)" if last.more else ""),
+                     rounds or "—"])
+    return Table(f"Decided by adding seeds: k-NN top-1 minus {strategies[0]}, +-{plan.margin:g} "
+                 "points", ["strategy", "seeds", "mean difference", "interval",
+                            "verdict", "why it stopped", "interval after each seed"], rows,
+                 note=f"One more seed was added for each comparison whose interval still "
+                      f"contained 0 and was not within +-{plan.margin:g}, up to "
+                      f"{plan.max_seeds} seeds. Every interval is a Student t interval over "
+                      f"per-seed differences at level {100 * plan.level:.2f} % (alpha "
+                      f"{plan.alpha:g} spread over the {plan.looks} looks the plan allows, "
+                      "Bonferroni alpha spending: Jennison & Turnbull 2000), so a 'better' or "
+                      f"'worse' verdict on a null difference has probability at most "
+                      f"{plan.alpha:g} however often the comparison was looked at "
+                      "(attmask/eval/sequential.py).")
 
 
 def versions() -> str:

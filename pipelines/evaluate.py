@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from attmask import masking
 from attmask.config import Config, from_dict
 from attmask.errors import UserError, check_output_dir
 from attmask.eval.baselines import BASELINES
@@ -75,8 +76,7 @@ def _run_part(args: dict, part: str) -> dict:
         result = ev.attention()
         batch = ev.viz_batch()
         attn, masks = attention_and_masks(ev.backbone, batch["image"], ev.cfg.model.patch_size,
-                                          ("random", "block", "attmask_high", "attmask_low",
-                                           "attmask_hint"), ev.cfg.masking.layer,
+                                          masking.available(), ev.cfg.masking.layer,
                                           ev.cfg.masking.head_reduce)
         pictures["attention_overlay.png"] = mask_grid_png(batch["image"], attn, masks,
                                                           "teacher attention and masks")

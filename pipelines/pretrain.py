@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from attmask import masking
 from attmask.config import Config, from_dict
 from attmask.engine import NonFiniteLossError
 from attmask.errors import ConfigError, UserError, check_output_dir
@@ -27,7 +28,6 @@ from pipelines.ray_session import alive_nodes, check_fits, ray_session
 
 STATE_FILE = "state.pt"
 RESUMED_METRIC = "resumed_from_step"  # logged at each resume, at the step it resumes from
-VIZ_STRATEGIES = ("random", "block", "attmask_high", "attmask_low", "attmask_hint")
 
 
 @dataclass
@@ -245,7 +245,7 @@ class WorkerHooks:
         if self.viz_batch is None or not (epoch % every == 0 or epoch in (1, cfg.train.epochs)):
             return
         attn, masks = attention_and_masks(engine.teacher.backbone, self.viz_batch["image"],
-                                          cfg.model.patch_size, VIZ_STRATEGIES,
+                                          cfg.model.patch_size, masking.available(),
                                           cfg.masking.layer, cfg.masking.head_reduce)
         self.logger.image(mask_grid_png(self.viz_batch["image"], attn, masks,
                                         f"epoch {epoch}: teacher attention and masks"),

@@ -308,6 +308,10 @@ def per_seed_table(rows: Rows, strategies: list[str], reference: str = "random"
 
 
 def _heterogeneity_note(strategy: str, per_seed: list[PairedDifference]) -> str:
+    if any(not d.se for d in per_seed):  # Q weighs each seed by 1 / se^2
+        return (f"{strategy}: Cochran's Q is not defined here: in a seed where both networks "
+                "got the same test images right, the difference has no sampling error to "
+                "weigh it by.")
     q, p = cochran_q(per_seed)
     same = "consistent with one true difference" if p >= 0.05 else "differ beyond their noise"
     return (f"{strategy}: Cochran's Q = {q:.1f} on {len(per_seed) - 1} degrees of freedom "

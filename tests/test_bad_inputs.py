@@ -645,6 +645,11 @@ CASES = [
     (["check-cluster", "{cl_provider}"], ["provider.aws_secret_access_key"]),
     (["check-cluster", "{cl_env}"], ["Environment.MLFLOW_TRACKING_TOKEN"]),
     (EVAL + ["--linear-protocol", "paper"], ["--linear-protocol", "official"]),
+    (["benchmark", "--dry-run", "--max-seeds", "6"], ["max_seeds=6", "--resolve"]),
+    (["benchmark", "--dry-run", "--resolve", "0"], ["resolve=0.0", "> 0"]),
+    (["benchmark", "--dry-run", "--resolve", "1", "--seeds", "0-4", "--max-seeds", "3"],
+     ["max_seeds=3", ">= the 5 seed(s)"]),
+    (["benchmark", "--dry-run", "--resolve", "1", "--max-seeds", "1"], ["--max-seeds"]),
     (["benchmark", "--preset", "cifar10-cpu", "--dry-run"],  # without ../shared/data
      ["../shared/data/cifar10", "prepare-data --source cifar10", "data.path=DIR"]),
     (EMBED + ["--split", "nope"], ["--split nope", "train"]),

@@ -14,7 +14,14 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, tiny_yaml
-from pipelines.benchmark import load_benchmark, progress_line, run_benchmark
+from pipelines.benchmark import (
+    load_benchmark,
+    next_round,
+    progress_line,
+    run_benchmark,
+    sequential_decisions,
+    sequential_table,
+)
 from pipelines.tracking import git_commit
 from run_pipeline import main
 
@@ -475,3 +482,43 @@ def test_the_report_is_rebuilt_from_the_folder_alone(bench_run, tmp_path, capsys
     assert main(["benchmark", "--preset", str(tmp / "bench.yaml"), "--reports", str(empty),
                  "--report-only"]) == 2
     assert "holds no finished run" in capsys.readouterr().err
+
+
+def knn_record(strategy, seed, top1):
+    from pipelines.report import RunRecord
+
+    return RunRecord(strategy, seed, f"{strategy}-s{seed}",
+                     results={"knn": {"k20": {"top1": top1, "top5": 1.0, "n": 100}}})
+
+
+def test_resolve_adds_seeds_only_for_undecided_comparisons_until_decided(tmp_path):
+    """--resolve: after each round, one more seed for every comparison still undecided (and
+    for the reference it is paired with); a decided comparison gets none."""
+    spec = load_benchmark(str(write_bench(tmp_path, strategies=["random", "attmask_high",
+                                                                "block"])),
+                          seeds=[0, 1, 2], resolve=1.0, max_seeds=5)
+    clear = {0: 0.60, 1: 0.605, 2: 0.61}  # attmask_high: +10 to +11 points on every seed
+    noisy = {0: 0.45, 1: 0.55, 2: 0.50}  # block: -5, +5, 0: undecided
+    runs = [knn_record("random", s, 0.50) for s in (0, 1, 2)] + \
+        [knn_record("attmask_high", s, v) for s, v in clear.items()] + \
+        [knn_record("block", s, v) for s, v in noisy.items()]
+    assert next_round(spec, runs) == ["random", "block"]
+    for strategy in ("random", "block"):
+        spec.add_run(strategy, 3)
+    assert spec.seeds == [0, 1, 2, 3] and spec.configs[("block", 3)].train.seed == 3
+    assert spec.configs[("block", 3)].train.run_name == spec.run_name("block", 3)
+    assert ("attmask_high", 3) not in spec.configs
+    runs += [knn_record("random", 3, 0.50), knn_record("block", 3, 0.40)]
+    decided = sequential_decisions(runs, spec.strategies, spec.sequential)
+    assert decided["attmask_high"][-1].verdict == "better"
+    assert [d.seeds for d in decided["block"]] == [1, 2, 3, 4]
+    runs += [knn_record("random", 4, 0.50), knn_record("block", 4, 0.60)]
+    spec.seeds.append(4)
+    assert next_round(spec, runs) == []  # 5 seeds: the budget is spent
+    table = sequential_table(runs, spec.strategies, spec.sequential)
+    rows = {row[0]: row for row in table.rows}
+    assert rows["attmask_high"][4] == "better" and rows["block"][4] == "undecided"
+    assert "seed budget (5) spent" in rows["block"][5]
+    assert "Bonferroni" in table.note and "at most 0.05" in table.note
+    # the digest, and so every run name, is that of the same benchmark without --resolve
+    assert spec.digest == load_benchmark(str(tmp_path / "bench.yaml")).digest

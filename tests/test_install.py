@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import attmask
 from attmask.config import PRESET_DIR, SEARCH_DIR
 from conftest import ROOT
 
@@ -56,3 +57,6 @@ def test_every_preset_and_search_space_resolves_from_an_installed_copy(installed
     cli = subprocess.run([str(root / "venv" / "bin" / "attmask"), "benchmark", "--dry-run"],
                          cwd=root, capture_output=True, text=True)
     assert cli.returncode == 0 and "dry run" in cli.stdout, cli.stderr[-2000:]
+    version = subprocess.run([str(root / "venv" / "bin" / "attmask"), "--version"],
+                             capture_output=True, text=True)
+    assert version.stdout.strip() == f"attmask {attmask.__version__}", version  # one source

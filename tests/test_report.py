@@ -183,6 +183,16 @@ def test_per_seed_differences_are_measured_image_by_image():
     assert titles[1].startswith("Strategy vs random, paired") and titles[2] == table.title
 
 
+def test_a_seed_whose_networks_agree_on_every_image_gets_no_cochran_q_and_no_crash():
+    # seed 1: both networks right on the same 400 images: a difference of 0 with no error
+    runs = [with_hits(record(strategy, seed, 0, 0.5), right) for strategy, seed, right in
+            (("random", 0, 400), ("attmask_high", 0, 430), ("random", 1, 400),
+             ("attmask_high", 1, 400))]
+    table = per_seed_table(Rows.of(runs, STRATEGIES), STRATEGIES)
+    assert [row[2] for row in table.rows] == ["+3.00", "+0.00"]
+    assert "Cochran's Q is not defined here" in table.note
+
+
 def test_per_seed_rows_need_hits_on_the_same_test_images():
     runs = [with_hits(record("random", 0, 0, 0.5), 400),
             with_hits(record("attmask_high", 0, 0, 0.5), 430, keys=KEYS[::-1]),

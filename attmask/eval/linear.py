@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 
 @dataclass
@@ -136,45 +137,42 @@ OFFICIAL_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # base LRs at batch 256, scaled 
 
 def train_probe_official(backbone: nn.Module, train_batches, val_features: torch.Tensor,
                          val_labels: torch.Tensor, num_classes: int, *, n_last_blocks: int,
-                         epochs: int = 100, lrs: tuple[float, ...] = OFFICIAL_LRS,
+                         image_size: int, epochs: int = 100,
+                         lrs: tuple[float, ...] = OFFICIAL_LRS, batch_size: int = 128,
                          seed: int = 0, device: torch.device | None = None) -> ProbeResult:
     """The official linear evaluation (DINO ``eval_linear.py``, iBOT's LR sweep): a linear
     layer on the frozen [CLS] of the last ``n_last_blocks`` blocks, trained on a random resized
     crop and flip of every training image at every epoch (SGD, momentum 0.9, no weight decay,
-    cosine schedule), one head per learning rate of ``lrs`` on the same features. Unlike the
-    official code, which keeps the best *test* accuracy over LRs and epochs, the LR and the
-    epoch are chosen on ``val_features`` (the held-out ``val`` split, centre views), and the
-    test set is scored once, by the caller, with the returned head.
+    cosine schedule, LR scaled by ``batch_size`` / 256), one head per learning rate of ``lrs``
+    on the same features. Unlike the official code, which keeps the best *test* accuracy over
+    LRs and epochs, the LR and the epoch are chosen on ``val_features`` (the held-out ``val``
+    split, centre views), and the test set is scored once, by the caller, with the returned head.
 
-    ``train_batches()`` yields EvalStream batches (normalised centre views); the crops are taken
-    from those (resizing commutes with the per-channel normalisation)."""
+    ``train_batches()`` yields EvalStream batches of ``image_size`` px (normalised centre
+    views); the crops are taken from those (resizing commutes with the per-channel
+    normalisation)."""
     device = device or next(backbone.parameters()).device
     torch.manual_seed(seed)
-    augment = None
+    augment = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True),
+                          v2.RandomHorizontalFlip()])
+    dim = backbone.embed_dim * n_last_blocks
     heads, optimizers, schedulers = [], [], []
-    best = ProbeResult(nn.Linear(1, num_classes), -1.0, 0, solver="sgd-augmented")
+    for lr in lrs:
+        head = nn.Linear(dim, num_classes).to(device)
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9,
+                              weight_decay=0.0)
+        heads.append(head)
+        optimizers.append(opt)
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs))
+    val_features, val_labels = val_features.to(device), val_labels.to(device)
+    best = ProbeResult(nn.Linear(dim, num_classes), -1.0, 0, solver="sgd-augmented")
     for epoch in range(1, epochs + 1):
         for batch in train_batches():
-            images = batch["image"]
-            if augment is None:
-                from torchvision.transforms import v2
-
-                size = images.shape[-1]
-                augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True),
-                                      v2.RandomHorizontalFlip()])
-            images = torch.stack([augment(img) for img in images]).to(device)
+            images = torch.stack([augment(img) for img in batch["image"]]).to(device)
             with torch.no_grad():
                 feats = backbone.cls_features(images, n_last_blocks).float()
-            if not heads:
-                for lr in lrs:
-                    head = nn.Linear(feats.shape[1], num_classes).to(device)
-                    nn.init.normal_(head.weight, std=0.01)
-                    nn.init.zeros_(head.bias)
-                    opt = torch.optim.SGD(head.parameters(), lr=lr * len(images) / 256,
-                                          momentum=0.9, weight_decay=0.0)
-                    heads.append(head)
-                    optimizers.append(opt)
-                    schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs))
             labels = batch["label"].to(device)
             for head, opt in zip(heads, optimizers):
                 loss = F.cross_entropy(head(feats), labels)
@@ -183,8 +181,7 @@ def train_probe_official(backbone: nn.Module, train_batches, val_features: torch
                 opt.step()
         for lr, head, scheduler in zip(lrs, heads, schedulers):
             scheduler.step()
-            val = accuracy(head.cpu(), val_features, val_labels)
-            head.to(device)
+            val = accuracy(head, val_features, val_labels)
             if val > best.val_top1:
                 best = ProbeResult(copy.deepcopy(head).cpu(), val, epoch,
                                    solver="sgd-augmented", lr=lr)

@@ -339,7 +339,9 @@ class Evaluator:
         return train_probe_official(self.backbone, train_batches, val.features, val.labels,
                                     self.num_classes,
                                     n_last_blocks=min(blocks, self.model.max_blocks),
-                                    epochs=self.options.probe_epochs, device=self.device)
+                                    image_size=self.cfg.model.image_size,
+                                    epochs=self.options.probe_epochs,
+                                    batch_size=self.options.batch_size, device=self.device)
 
     def fewshot(self) -> dict:
         b = self.options.knn_blocks
