@@ -1,5 +1,6 @@
 """cluster.yaml validated offline with Ray's own checks; job submission to a real local head."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 address, entrypoint, working_dir = sys.argv[1:4]
 client = JobSubmissionClient(address)
 job = client.submit_job(entrypoint=entrypoint, runtime_env={
-    "working_dir": working_dir, "excludes": ["data/", "runs/", "reports/", ".git/", "*.db"]})
+    "working_dir": working_dir, "excludes": ["/data/", "/runs/", "/reports/", ".git/", "*.db"]})
 deadline = time.time() + 240
 while (status := client.get_job_status(job)) not in {
         JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
@@ -210,3 +211,22 @@ def test_job_submission_to_a_local_head(tmp_path):
     finally:
         stop_head(marks)
     assert not any(Path(f"/proc/{p}").exists() for p in head_pids(marks))
+
+
+def test_no_code_is_left_out_of_what_the_cluster_and_a_job_upload():
+    """``data/`` unanchored would match ``attmask/data/`` too: a cluster (rsync_exclude) or a
+    job (excludes) without the data package fails on its first import."""
+    from ray._private.thirdparty.pathspec.pathspec import PathSpec
+
+    tracked = subprocess.run(["git", "ls-files", "attmask", "pipelines", "configs",
+                              "run_pipeline.py"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert any(f.startswith("attmask/data/") for f in tracked)
+    patterns = {"cluster.yaml rsync_exclude": yaml.safe_load((ROOT / "cluster.yaml").read_text())
+                ["rsync_exclude"], "the job's excludes": re.search(
+                    r'"excludes": (\[.*?\])', CLIENT).group(1)}
+    for where, lines in patterns.items():
+        lines = yaml.safe_load(lines) if isinstance(lines, str) else lines
+        spec = PathSpec.from_lines("gitwildmatch", lines)
+        assert not [f for f in tracked if spec.match_file(f)], where
+        assert spec.match_file("data/train-000000.tar"), where  # and the data stays out
