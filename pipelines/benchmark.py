@@ -254,14 +254,19 @@ def sequential_decisions(runs: list[RunRecord], strategies: list[str],
                          plan: SequentialPlan) -> dict[str, list[Decision]]:
     """For each strategy against the reference (the first one): the decision after each seed
     of its paired k-NN top-1 differences (points), in seed order."""
-    knn = {(r.strategy, r.seed): lookup(r.results, KNN_TOP1) for r in runs if not r.error}
+    finished = [r for r in runs if not r.error]
+    knn = {(r.strategy, r.seed): lookup(r.results, KNN_TOP1) for r in finished}
+    rows = Rows.of(finished, strategies)
     reference, decisions = strategies[0], {}
     for strategy in strategies[1:]:
         seeds = sorted(seed for (s, seed), v in knn.items() if s == strategy and v is not None
                        and knn.get((reference, seed)) is not None)
         diffs = [100 * (knn[(strategy, seed)] - knn[(reference, seed)]) for seed in seeds]
-        decisions[strategy] = [decide(diffs[:n], plan) for n in range(1, len(diffs) + 1)] or \
-            [decide([], plan)]
+        # the test images' own sampling error of each seed's difference, where hits were kept
+        errors = [100 * d.se for _, d, _ in rows.per_seed(strategy, reference)]
+        floor = math.sqrt(statistics.fmean(e * e for e in errors)) if errors else 0.0
+        decisions[strategy] = [decide(diffs[:n], plan, floor)
+                               for n in range(1, len(diffs) + 1)] or [decide([], plan)]
     return decisions
 
 

@@ -66,3 +66,13 @@ def test_each_decision_says_why_it_stopped_or_goes_on():
     assert PLAN.looks == 11 and PLAN.level == pytest.approx(1 - 0.05 / 11)
     with pytest.raises(ValueError, match="margin"):
         SequentialPlan(margin=0)
+
+
+def test_seeds_that_happen_to_agree_decide_nothing_and_the_test_set_bounds_the_spread():
+    same = decide([0.0, 0.0, 0.0], PLAN)
+    assert same.verdict == "undecided" and same.more and "identical" in same.reason
+    assert not decide([0.0] * PLAN.max_seeds, PLAN).more
+    # two seeds 0.1 apart look precise; their test images say each difference is +-1.5
+    assert decide([0.0, 0.1, 0.05], PLAN).verdict == "equivalent"
+    floored = decide([0.0, 0.1, 0.05], PLAN, sd_floor=1.5)
+    assert floored.verdict == "undecided" and floored.high > 1.0

@@ -62,11 +62,13 @@ class Decision:
     more: bool = False  # the plan adds a seed
 
 
-def interval(differences: Sequence[float], level: float) -> tuple[float, float, float]:
-    """(mean, low, high): the Student-t interval of the mean of paired differences."""
+def interval(differences: Sequence[float], level: float, sd_floor: float = 0.0
+             ) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval of the mean of paired differences, with their
+    standard deviation taken as at least ``sd_floor``."""
     n = len(differences)
     mean = sum(differences) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    sd = max(sd_floor, math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)))
     half = _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
@@ -76,8 +78,14 @@ def _t_quantile(q: float, df: int) -> float:
     return float(stats.t.ppf(q, df))
 
 
-def decide(differences: Sequence[float], plan: SequentialPlan) -> Decision:
+def decide(differences: Sequence[float], plan: SequentialPlan, sd_floor: float = 0.0
+           ) -> Decision:
     """The decision after the seeds so far (per-seed paired differences, in points).
+
+    ``sd_floor``: the spread a seed's difference has at least, from its test images' sampling
+    error alone (the benchmark passes the root mean square of the per-seed standard errors):
+    a few seeds that happen to agree must not make an interval narrower than the test set
+    allows. Differences that do not vary at all decide nothing.
 
     Stops with "better" / "worse" once the interval excludes 0, with "equivalent" once it lies
     within +-margin; otherwise adds a seed, until ``max_seeds`` are spent ("undecided").
@@ -86,7 +94,12 @@ def decide(differences: Sequence[float], plan: SequentialPlan) -> Decision:
     if n < plan.min_seeds:
         return Decision("undecided", n, math.nan, math.nan, math.nan,
                         f"needs {plan.min_seeds} seeds before the first look", more=True)
-    mean, low, high = interval(differences, plan.level)
+    if sd_floor == 0 and len(set(differences)) == 1:  # a zero-width interval is no evidence
+        return Decision("undecided", n, differences[0], math.nan, math.nan,
+                        "the seeds' differences are identical: no spread to measure"
+                        if n < plan.max_seeds else f"seed budget ({plan.max_seeds}) spent",
+                        more=n < plan.max_seeds)
+    mean, low, high = interval(differences, plan.level, sd_floor)
     if low > 0:
         return Decision("better", n, mean, low, high, "interval above 0")
     if high < 0:
