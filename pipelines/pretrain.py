@@ -295,6 +295,8 @@ def train_worker(loop_config: dict) -> dict:
     from attmask.train import run_loop
 
     # Ray logs every report (with all metrics) at INFO from each rank; progress lines say enough.
+    # Ray 2.60 has no public handle on that logger: tests/test_pipeline_pretrain.py imports this
+    # private name, so an upgrade that moves it fails there, not silently here.
     train_context.logger.setLevel(logging.WARNING)
     cfg = from_dict(loop_config["config"]).validate()
     ctx = ray.train.get_context()

@@ -230,3 +230,14 @@ def test_no_code_is_left_out_of_what_the_cluster_and_a_job_upload():
         spec = PathSpec.from_lines("gitwildmatch", lines)
         assert not [f for f in tracked if spec.match_file(f)], where
         assert spec.match_file("data/train-000000.tar"), where  # and the data stays out
+
+
+def test_the_container_recipe_pins_what_the_project_pins():
+    import tomllib
+
+    pins = dict(d.split("==") for d in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                ["project"]["dependencies"] if d.startswith(("torch==", "torchvision==")))
+    recipe = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert pins and all(f"{name}=={version}" in recipe for name, version in pins.items())
+    for path in ("attmask", "pipelines", "configs", "tune_configs", "run_pipeline.py"):
+        assert re.search(rf"^COPY .*\b{path}\b", recipe, flags=re.M), path

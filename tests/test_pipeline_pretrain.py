@@ -255,3 +255,13 @@ def test_a_request_the_cluster_cannot_meet_fails_at_once_not_forever(ray_local, 
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_the_private_ray_name_the_worker_quiets_still_exists():
+    """pipelines/pretrain.py: train_worker lowers Ray Train's per-report logger through a
+    private module (no public API in Ray 2.60); a Ray upgrade that moves it fails here."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    assert isinstance(train_context.logger, logging.Logger)
