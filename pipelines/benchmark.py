@@ -674,10 +674,28 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
         intro.append("FAILED RUNS: " + "; ".join(f"{r.run_name}: {r.error}" for r in failed))
     lead = takeaways(Rows.of(runs, spec.strategies), spec.strategies)
     tables = build_tables(runs, spec.strategies)
+    figures = build_figures(runs, spec.strategies)
     if spec.sequential is not None:
         tables.insert(1, sequential_table(runs, spec.strategies, spec.sequential))
-    return Report(f"attmask benchmark: {spec.name}", lead + intro, tables,
-                  build_figures(runs, spec.strategies))
+        figures.insert(0, sequential_figure(runs, spec.strategies, spec.sequential))
+    return Report(f"attmask benchmark: {spec.name}", lead + intro, tables, figures)
+
+
+def sequential_figure(runs: list[RunRecord], strategies: list[str],
+                      plan: SequentialPlan) -> tuple[str, str, bytes]:
+    """Each comparison's interval after every seed, against 0 and the +-margin band."""
+    from attmask.viz import line_chart_png
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for strategy, history in sequential_decisions(runs, strategies, plan).items():
+        looks = [d for d in history if not math.isnan(d.low)]
+        series[f"{strategy}: upper"] = [(d.seeds, d.high) for d in looks]
+        series[f"{strategy}: mean"] = [(d.seeds, d.mean) for d in looks]
+        series[f"{strategy}: lower"] = [(d.seeds, d.low) for d in looks]
+    png = line_chart_png(series, f"k-NN top-1 minus {strategies[0]}: interval after each seed",
+                         "seeds", "points", {f"+{plan.margin:g}": plan.margin, "0": 0.0,
+                                             f"-{plan.margin:g}": -plan.margin})
+    return ("sequential.png", "Each comparison's interval as seeds were added", png)
 
 
 def sequential_table(runs: list[RunRecord], strategies: list[str],

@@ -20,6 +20,7 @@ from pipelines.benchmark import (
     progress_line,
     run_benchmark,
     sequential_decisions,
+    sequential_figure,
     sequential_table,
 )
 from pipelines.tracking import git_commit
@@ -520,5 +521,7 @@ def test_resolve_adds_seeds_only_for_undecided_comparisons_until_decided(tmp_pat
     assert rows["attmask_high"][4] == "better" and rows["block"][4] == "undecided"
     assert "seed budget (5) spent" in rows["block"][5]
     assert "Bonferroni" in table.note and "at most 0.05" in table.note
+    name, _, png = sequential_figure(runs, spec.strategies, spec.sequential)
+    assert name == "sequential.png" and png.startswith(b"\x89PNG")
     # the digest, and so every run name, is that of the same benchmark without --resolve
     assert spec.digest == load_benchmark(str(tmp_path / "bench.yaml")).digest
