@@ -7,8 +7,8 @@ from mlflow.tracking import MlflowClient
 
 from attmask.config import load_config
 from attmask.errors import ConfigError
+from attmask.train import pretrain_local
 from conftest import ROOT, tiny_yaml
-from pipelines.pretrain import run_pretrain
 from pipelines.tune import load_spec, plan, run_tune
 
 
@@ -93,10 +93,11 @@ def test_four_trial_asha_search_stops_the_bad_arm_and_best_config_reruns(
     assert len(children) == 4 and {c.data.params["optim.lr"] for c in children} == {"0.05", "0.0"}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "tune")}
     assert {"tune/results.csv", "tune/metric_vs_params.png", "tune/best_config.yaml"} <= artifacts
-    # the best config is a complete config that `pretrain --config` accepts as is
+    # the best config is a complete config that `pretrain --config` accepts as is (trained
+    # here by the same loop in this process: a Ray Train run would only add its start-up)
     best = load_config(path=result.best_config_path)
     assert best.optim.lr == result.best["optim.lr"] and best.train.run_name is None
-    rerun = run_pretrain(best, log=lambda s: None)
+    rerun = pretrain_local(best, log=lambda s: None)
     assert rerun.steps == 6
     # running the same search again resumes it (everything already finished)
     again = run_tune(spec, cfg, log=lambda s: None)
