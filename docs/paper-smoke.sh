@@ -7,6 +7,9 @@
 # Usage: bash docs/paper-smoke.sh [WORKDIR]   (about 5-10 minutes on 2 cores)
 set -euo pipefail
 work="${1:-runs/paper-smoke}"
+# SMOKE=1 (tests/test_scripts.py): one of the preset's five strategies
+strategies=random,block,attmask_high,attmask_low,attmask_hint
+[[ ${SMOKE:-0} == 1 ]] && strategies=attmask_high
 mkdir -p "$work"
 python - "$work/imgs" <<'PY'
 import sys
@@ -31,6 +34,7 @@ PY
 python run_pipeline.py prepare-data --source imagefolder --from "$work/imgs" --per-class 8 \
     --out "$work/shards"
 python run_pipeline.py benchmark --preset paper-20pct-in1k --reports "$work/reports" \
+    --strategies "$strategies" \
     data.path="$work/shards" tracking.uri="sqlite:///$(realpath "$work")/mlflow.db" \
     ray.storage_path="$(realpath "$work")/ray" train.output_dir="$work/out" \
     ray.num_workers=1 ray.use_gpu=false ray.cpus_per_worker=1 train.precision=fp32 \

@@ -2,8 +2,10 @@
 random colours (top, `prepare-data --colours random`) and in fixed colours (bottom, `--colours
 fixed`, the main job's data), drawn at 32 px and shown at 4x.
 
-    PYTHONPATH=. python docs/synthetic_colours.py
+    PYTHONPATH=. python docs/synthetic_colours.py [OUT_PNG]
 """
+import sys
+
 import numpy as np
 from PIL import Image
 
@@ -14,4 +16,4 @@ if __name__ == "__main__":
                             for i in range(10)], axis=1) for c in ("random", "fixed")]
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
-        "docs/synthetic_colours.png")
+        sys.argv[1] if len(sys.argv) > 1 else "docs/synthetic_colours.png")

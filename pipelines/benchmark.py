@@ -663,7 +663,7 @@ def make_report(spec: BenchmarkSpec, runs: list[RunRecord], wall_s: float,
                      "and how a comparison is read. It does not say which strategy is better: "
                      "at this budget the strategies differ by less than the noise unless the "
                      "paired table says otherwise (--seeds 0-2 adds the interval); "
-                     "docs/small-scale.md has the CPU recipe study, and the cifar10-cpu or "
+                     "studies/small-scale/README.md has the CPU recipe study, and the cifar10-cpu or "
                      "paper-20pct-in1k presets compare strategies.")
     if len(runs) < len(spec.configs):
         intro.append(f"IN PROGRESS: {len(runs)} of {len(spec.configs)} runs finished; running "

@@ -15,6 +15,7 @@ import functools
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import random
 import threading
@@ -308,6 +309,11 @@ def make_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
     # the training step's randomness. Workers start from a forkserver, not a fork of the
     # training process: a fork would carry that process's heap (the model, the optimizer,
     # torch's caches) into every epoch's workers, 1.3 GB each instead of 0.75 (docs/speed.md).
+    # The forkserver imports this module (torch, torchvision, webdataset) once when it starts,
+    # so each later loader (every epoch, every monitor pass) starts its workers in under a
+    # second instead of 3-5 s of imports on 2 cores; it must be set before the server starts.
+    if num_workers:
+        multiprocessing.set_forkserver_preload([__name__])
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0),

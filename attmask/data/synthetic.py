@@ -6,7 +6,7 @@ the background's two colours per image; ``colours="fixed"`` draws the same scene
 colour on a background of two fixed greys, so that shape and pattern are all an image has. Colour
 drawn per image is the cue two crops of one image agree on first, and it carries no class:
 self-distillation learns it before anything else, and at a few hundred steps the features move
-*away* from the class on ``random`` data and towards it on ``fixed`` data (docs/small-scale.md,
+*away* from the class on ``random`` data and towards it on ``fixed`` data (studies/small-scale/README.md,
 "The default benchmark's data"). In the training split the background *family* is
 correlated with the class (``bg_correlation``), so a model that leans on the background is
 measurably hurt on test variants built the ImageNet-9 way (Xiao et al., "Noise or Signal: The Role

@@ -8,7 +8,7 @@ official code draws sigma from U(0.1, 2) px for every crop size (``blur_sigma="o
 paper presets); by default (``"scaled"``) that range is defined at 224 px and scaled with the crop
 size, so the 16 px crops of the CPU presets are not erased. The colour distortion (jitter
 strengths and the jitter and grayscale probabilities) is configurable: at 32 px it is what makes
-two views of one image look least alike to an untrained network (docs/small-scale.md).
+two views of one image look least alike to an untrained network (studies/small-scale/README.md).
 With ``colour_on="batch"`` the loader only crops and flips and draws each crop's colour
 parameters; :mod:`attmask.data.colour` applies them to the whole batch in the training process.
 """

@@ -29,28 +29,15 @@ from timm.models.vision_transformer import VisionTransformer
 from attmask import __version__
 from attmask.config import Config, ModelConfig, from_dict
 from attmask.errors import UserError
-from attmask.models.vit import MaskedViT, build_backbone, hmlp_stem
+from attmask.models.vit import MaskedViT, build_backbone, timm_architecture, with_stem
 from attmask.runtime import load_checkpoint
 
 FORMAT = "attmask-backbone/1"
 BACKBONE_FILE = "teacher_backbone.safetensors"
-# The registry names whose model_args every field below overrides; the name only tells a reader
-# which family the weights belong to.
-TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
-              "vit_base": "vit_base_patch16_224"}
 # MLflow's artifact URIs (runs:/ID/path, models:/NAME/VERSION, models:/NAME@ALIAS).
 MLFLOW_URI = re.compile(r"(runs|models):/.+")
 # Where the pipeline keeps its tracking database unless tracking.uri says otherwise.
 DEFAULT_TRACKING_URI = "sqlite:///runs/ray/mlflow.db"
-
-
-def timm_architecture(cfg: ModelConfig) -> tuple[str, dict]:
-    """(model name, keyword arguments) with which ``timm.create_model`` builds this backbone.
-    A ``stem: hmlp`` backbone needs its stem replaced as well (:func:`build_timm_backbone`)."""
-    dim, depth, heads = cfg.dims
-    return TIMM_NAMES[cfg.arch], {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
-                                  "embed_dim": dim, "depth": depth, "num_heads": heads,
-                                  "qkv_bias": True, "num_classes": 0, "dynamic_img_size": True}
 
 
 def save_backbone(backbone: MaskedViT, cfg: Config, path: str | Path) -> Path:
@@ -83,10 +70,7 @@ def build_timm_backbone(cfg: ModelConfig) -> VisionTransformer:
     import timm
 
     name, kwargs = timm_architecture(cfg)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if cfg.stem == "hmlp":
-        model.patch_embed.proj = hmlp_stem(cfg.patch_size, kwargs["embed_dim"])
-    return model
+    return with_stem(timm.create_model(name, pretrained=False, **kwargs), cfg)
 
 
 def resolve_reference(ref: str | Path, tracking_uri: Optional[str] = None,

@@ -17,6 +17,14 @@ from torch.utils.checkpoint import checkpoint
 from attmask.config import ModelConfig
 
 
+# The registry names whose model_args :func:`timm_architecture` overrides; the name only tells a
+# reader which family the weights belong to.
+TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+              "vit_base": "vit_base_patch16_224"}
+# A backbone without a classifier whose position embeddings follow the input size (local crops).
+HEADLESS = {"num_classes": 0, "dynamic_img_size": True}
+
+
 @dataclass
 class ViTOutput:
     cls: torch.Tensor  # (B, D), after the final norm
@@ -32,7 +40,7 @@ class MaskedViT(VisionTransformer):
     """
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(num_classes=0, dynamic_img_size=True, **kwargs)
+        super().__init__(**{**HEADLESS, **kwargs})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         self.checkpoint_blocks = 0  # the first N blocks recompute their activations in backward
 
@@ -131,11 +139,24 @@ def hmlp_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
                          nn.Conv2d(hidden, embed_dim, 2, stride=2))
 
 
-def build_backbone(cfg: ModelConfig, drop_path: Optional[float] = None) -> MaskedViT:
+def timm_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """(model name, keyword arguments) with which ``timm.create_model`` builds this backbone, the
+    one place its architecture is spelled out. A ``stem: hmlp`` backbone also needs
+    :func:`with_stem`."""
     dim, depth, heads = cfg.dims
-    model = MaskedViT(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=dim,
-                      depth=depth, num_heads=heads, qkv_bias=True,
-                      drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
+    return TIMM_NAMES[cfg.arch], {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
+                                  "embed_dim": dim, "depth": depth, "num_heads": heads,
+                                  "qkv_bias": True, **HEADLESS}
+
+
+def with_stem(model: VisionTransformer, cfg: ModelConfig) -> VisionTransformer:
+    """``model`` with the patch stem ``cfg.stem`` names (timm builds the linear one)."""
     if cfg.stem == "hmlp":
-        model.patch_embed.proj = hmlp_stem(cfg.patch_size, dim)
+        model.patch_embed.proj = hmlp_stem(cfg.patch_size, model.embed_dim)
     return model
+
+
+def build_backbone(cfg: ModelConfig, drop_path: Optional[float] = None) -> MaskedViT:
+    _, kwargs = timm_architecture(cfg)
+    model = MaskedViT(**kwargs, drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
+    return with_stem(model, cfg)

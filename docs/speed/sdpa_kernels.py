@@ -3,8 +3,10 @@
 Times the whole training step of a preset with PyTorch's default scaled-dot-product-attention
 choice, the math kernel and the flash kernel forced, interleaved step by step in one process.
 Usage: PYTHONPATH=. python docs/speed/sdpa_kernels.py tiny-cpu bf16   (any preset, fp32 or bf16)
+With SMOKE=1 (tests/test_scripts.py): one timed step per kernel instead of six.
 """
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -28,12 +30,13 @@ local_crops = torch.randn(cfg.data.local_crops_number, B, 3, m.local_image_size,
 kernels = {"default": contextlib.nullcontext, "math": lambda: sdpa_kernel(SDPBackend.MATH),
            "flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)}
 times: dict[str, list[float]] = {name: [] for name in kernels}
-for round_ in range(8):
+rounds = 3 if os.environ.get("SMOKE") == "1" else 8
+for round_ in range(rounds):
     for name, kernel in kernels.items():
         start = time.perf_counter()
         with kernel():
             engine.train_step(global_crops, local_crops)
         if round_ >= 2:
             times[name].append(time.perf_counter() - start)
-print(f"{preset} {precision}, images/s (median of 6 steps after 2 warm-up):",
+print(f"{preset} {precision}, images/s (median of {rounds - 2} steps after 2 warm-up):",
       {name: round(B / statistics.median(t), 2) for name, t in times.items()})

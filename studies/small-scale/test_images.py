@@ -1,6 +1,6 @@
 """Gain over init of each evaluated run, on the first 1,000 test images and on all of them.
 
-Usage: PYTHONPATH=. python docs/small-scale/test_images.py OUT_DIR
+Usage: PYTHONPATH=. python studies/small-scale/test_images.py OUT_DIR
 OUT_DIR holds one ``evaluate --suite knn --baselines init`` output per run, named
 ``<strategy>-s<seed>``. Prints, per strategy, the k-NN top-1 gain over the untrained network
 of each seed, its mean with the 95 % Student-t interval over seeds, and the split of the

@@ -3,7 +3,7 @@ for the same number of steps and images, monitored by the same online k-NN. Self
 cannot be expected to beat this at the same budget, so it tells what a +10-point target asks of
 the architecture at 1,200 steps.
 
-    PYTHONPATH=. python docs/small-scale/supervised_reference.py [OUT_DIR]
+    PYTHONPATH=. python studies/small-scale/supervised_reference.py [OUT_DIR]
 
 Recipe: tiny-cpu's backbone (4 blocks of ViT-Tiny width, patch 4, 32 px), a linear classifier
 on the [CLS] token, cross-entropy, AdamW (peak LR 5e-4 at batch 64 after 100 warm-up steps,
@@ -11,9 +11,12 @@ cosine to 0, weight decay 0.05), 1,200 steps of 64 CIFAR-10 training images with
 crop (4 px padding) and a flip, bf16 autocast as in the study. The teacher-less k-NN of the
 backbone (k = 20, 5,000-image bank, 2,000 test images, the study's monitor) at step 0 and every
 200 steps goes to OUT_DIR/metrics.jsonl in the study's format, so plot.py can draw it.
+``CIFAR10`` names the .npz folder (default ../shared/data/cifar10) and ``STUDY_DATA`` its
+prepared shards (default data/cifar10); with SMOKE=1 (tests/test_scripts.py) it runs 4 steps.
 """
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,8 @@ from attmask.models.vit import build_backbone
 from attmask.monitor import OnlineKnn
 from attmask.train import open_dataset
 
-STEPS, EVERY, BATCH, PEAK_LR, WARMUP = 1200, 200, 64, 5e-4, 100
+SMOKE = os.environ.get("SMOKE") == "1"
+STEPS, EVERY, BATCH, PEAK_LR, WARMUP = (4, 2, 8, 5e-4, 1) if SMOKE else (1200, 200, 64, 5e-4, 100)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -53,14 +57,15 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study/SUP-supervised")
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny-cpu", overrides=[
-        "data.path=data/cifar10", "train.knn_train_samples=5000",
-        "train.knn_test_samples=2000", "train.knn_every_epochs=1"])
+        f"data.path={os.environ.get('STUDY_DATA', 'data/cifar10')}",
+        f"train.knn_train_samples={40 if SMOKE else 5000}",
+        f"train.knn_test_samples={20 if SMOKE else 2000}", "train.knn_every_epochs=1"])
     torch.manual_seed(0)
     backbone = build_backbone(cfg.model)
     classifier = torch.nn.Linear(backbone.embed_dim, 10)
     params = list(backbone.parameters()) + list(classifier.parameters())
     optim = torch.optim.AdamW(params, lr=PEAK_LR, weight_decay=0.05)
-    images, labels = load_train(Path("../shared/data/cifar10"))
+    images, labels = load_train(Path(os.environ.get("CIFAR10", "../shared/data/cifar10")))
     monitor = OnlineKnn(open_dataset(cfg), cfg)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=g)

@@ -10,24 +10,31 @@ then the share of images whose two views have the same arg-max prototype ("other
 with the second view of the next image, the chance level) and the mean cosine of the centred
 logits.
 
-    PYTHONPATH=. python docs/small-scale/view_agreement.py [CHECKPOINT.pt]
+    PYTHONPATH=. python studies/small-scale/view_agreement.py [CHECKPOINT.pt]
+
+``CIFAR10`` names the .npz folder (default ../shared/data/cifar10); with SMOKE=1
+(tests/test_scripts.py) it reads 16 images.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torchvision.transforms import v2
 
-from attmask.config import load_config
+from attmask.config import from_dict, load_config
 from attmask.data.transforms import _finish
 from attmask.engine import build_net
 from attmask.runtime import load_checkpoint
 
-CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10" / "train_00.npz"
+CIFAR = Path(os.environ.get("CIFAR10", Path(__file__).resolve().parents[3] / "shared" / "data"
+                            / "cifar10")) / "train_00.npz"
+IMAGES = 16 if os.environ.get("SMOKE") == "1" else 256
 
 
 def jitter(b: float, c: float, s: float, h: float, p: float) -> v2.Transform:
@@ -50,13 +57,15 @@ def main(checkpoint: str | None) -> None:
     if not CIFAR.is_file():
         sys.exit(f"error: {CIFAR} not found (the shared CIFAR-10 copy)")
     torch.set_num_threads(1)
-    cfg = load_config("tiny-cpu")
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    # a checkpoint brings its run's architecture; without one, the tiny-cpu network of seed 0
+    cfg = from_dict(yaml.safe_load(state["config"])) if state else load_config("tiny-cpu")
     torch.manual_seed(0)
     net = build_net(cfg.model, drop_path=0.0).eval()
-    if checkpoint:
-        net.load_state_dict(load_checkpoint(checkpoint)["teacher"])
-    images = torch.from_numpy(np.load(CIFAR)["images"][:256]).permute(0, 3, 1, 2).contiguous()
-    print(f"teacher: {checkpoint or 'untrained (tiny-cpu, seed 0)'}; 256 CIFAR-10 train images")
+    if state:
+        net.load_state_dict(state["teacher"])
+    images = torch.from_numpy(np.load(CIFAR)["images"][:IMAGES]).permute(0, 3, 1, 2).contiguous()
+    print(f"teacher: {checkpoint or 'untrained (tiny-cpu, seed 0)'}; {IMAGES} CIFAR-10 train images")
     for name, colour in SETTINGS.items():
         view = v2.Compose([v2.RandomResizedCrop(32, scale=(0.35, 1.0), antialias=True),
                            v2.RandomHorizontalFlip(), *colour, _finish()])

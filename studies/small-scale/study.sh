@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The recipe study behind docs/small-scale.md: short pretrain-local runs on CIFAR-10 at 32 px,
+# The recipe study behind studies/small-scale/README.md: short pretrain-local runs on CIFAR-10 at 32 px,
 # each a complete run (its own warm-up and cosine decay), with the teacher's online k-NN
 # (k = 20, 5,000-image bank, 2,000 test images) at step 0 and after every 80-step "epoch".
-# Usage: bash docs/small-scale/study.sh [TRIAL ...]   (no argument: every trial below)
+# Usage: bash studies/small-scale/study.sh [TRIAL ...]   (no argument: every trial below)
 # A finished trial (its teacher_backbone.safetensors exists) is skipped and an interrupted one
 # resumes from its latest checkpoint (its train_s clock continues from the checkpoint's).
 set -euo pipefail
@@ -10,10 +10,13 @@ set -euo pipefail
 # a study runs then cannot change what the running study executes.
 {
 cd "$(dirname "$0")/../.."
+source studies/smoke.sh  # SMOKE=1: tiny data, a few steps (tests/test_scripts.py)
 OUT=${STUDY_DIR:-runs/study}
-python run_pipeline.py prepare-data --source cifar10 --from ../shared/data/cifar10 --out data/cifar10
+DATA=${STUDY_DATA:-data/cifar10}
+mkdir -p "$OUT"
+python run_pipeline.py prepare-data --source cifar10 --from "$CIFAR10" --out "$DATA"
 
-COMMON="data.path=data/cifar10 train.output_dir=$OUT train.steps_per_epoch=80 train.epochs=3
+COMMON="data.path=$DATA train.output_dir=$OUT train.steps_per_epoch=80 train.epochs=3
   train.knn_every_epochs=1 train.knn_train_samples=5000 train.knn_test_samples=2000
   train.log_every_steps=20 optim.warmup_epochs=0.5 loss.warmup_teacher_temp_epochs=1
   optim.freeze_last_layer=0 data.num_workers=1"
@@ -26,7 +29,7 @@ M_RECIPE="optim.lr=2e-3 model.drop_path=0 model.out_dim=256
     loss.warmup_teacher_patch_temp=0.02 loss.teacher_patch_temp=0.02 optim.warmup_epochs=0.5"
 
 # Each trial changes a few keys of study-base.yaml, the tiny-cpu preset from before the study
-# (trial M is the tiny-cpu preset of today; see docs/small-scale.md for why).
+# (trial M is the tiny-cpu preset of today; see studies/small-scale/README.md for why).
 declare -A TRIALS=(
   [A-tinycpu]=""
   [B-ibot-lr1.5e-3]="optim.lr=6e-3 model.drop_path=0 model.out_dim=1024"
@@ -91,7 +94,7 @@ declare -A TRIALS=(
   [W-M-sinkhorn]="$M_RECIPE loss.centering=sinkhorn"
   # M without colour jitter and grayscale (crop, flip, blur, solarisation only): at init two
   # views of one image land on the same teacher prototype 54 % of the time without the colour
-  # distortion and 21 % with it (docs/small-scale/view_agreement.py), so the targets say little
+  # distortion and 21 % with it (studies/small-scale/view_agreement.py), so the targets say little
   # about the image until colour invariance is learned
   [X-M-nocolour]="$M_RECIPE data.color_jitter_prob=0 data.grayscale_prob=0"
   # between M and X: half DINO's jitter strengths and half its grayscale probability
@@ -167,8 +170,8 @@ for name in "${@:-${ORDER[@]}}"; do
   if [[ -f "$OUT/$name/teacher_backbone.safetensors" ]]; then echo "$name: done"; continue; fi
   echo "$name: ${TRIALS[$name]}"
   # shellcheck disable=SC2086
-  python run_pipeline.py pretrain-local --config docs/small-scale/study-base.yaml $COMMON train.run_name=$name \
-    ${TRIALS[$name]} >> "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; }
+  python run_pipeline.py pretrain-local --config studies/small-scale/study-base.yaml $COMMON train.run_name=$name \
+    ${TRIALS[$name]} $TINY >> "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; failed=1; }
 done
-exit
+exit "${failed:-0}"  # a failed trial does not stop the others, but the study reports it
 }

@@ -1,10 +1,10 @@
 """Plot the recipe study: online k-NN of the teacher against CPU-minutes of training, one line
 per trial, the untrained network's score (step 0) as a horizontal line.
 
-Usage: python docs/small-scale/plot.py [CURVES] [OUT_PNG]
+Usage: python studies/small-scale/plot.py [CURVES] [OUT_PNG]
        CURVES: a study directory (runs/study: <trial>/metrics.jsonl) or a folder of
-       <trial>.jsonl copies (default: docs/small-scale/curves, the committed curves)
-Prints a table (trial, steps, CPU-minutes, init, best and last k-NN) for docs/small-scale.md.
+       <trial>.jsonl copies (default: studies/small-scale/curves, the committed curves)
+Prints a table (trial, steps, CPU-minutes, init, best and last k-NN) for studies/small-scale/README.md.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def training_seconds(rows: list[dict]) -> list[float]:
 
 
 def main() -> None:
-    study = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/small-scale/curves")
-    png = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/small-scale/knn_vs_cpu_minutes.png")
+    study = Path(sys.argv[1] if len(sys.argv) > 1 else "studies/small-scale/curves")
+    png = Path(sys.argv[2] if len(sys.argv) > 2 else "studies/small-scale/knn_vs_cpu_minutes.png")
     series = curves(study)
     inits = sorted({round(pts[0][1], 1) for pts in series.values() if pts[0][0] == 0})
     hlines = {f"init (untrained) {v} %": v for v in inits}  # one per architecture

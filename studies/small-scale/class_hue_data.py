@@ -1,10 +1,13 @@
-"""Trial C1 of docs/small-scale.md: the built-in objects-on-backgrounds data with each object's
+"""Trial C1 of studies/small-scale/README.md: the built-in objects-on-backgrounds data with each object's
 hue set by its class (class / num_classes +- 0.04) instead of drawn at random, so that colour,
 the cue two crops of one image agree on first, carries the class. Everything else (shapes,
 textures, backgrounds, sizes) is drawn exactly as in ``attmask/data/synthetic.py``.
 
-    PYTHONPATH=. python docs/small-scale/class_hue_data.py OUT_DIR
+    PYTHONPATH=. python studies/small-scale/class_hue_data.py OUT_DIR
+
+With SMOKE=1 (tests/test_scripts.py) it draws 64 training and 32 test scenes.
 """
+import os
 import sys
 
 import numpy as np
@@ -34,6 +37,8 @@ def class_hue_object(self, rng, label):
 
 if __name__ == "__main__":
     syn.ObjectsOnBackgrounds._object = class_hue_object
+    smoke = os.environ.get("SMOKE") == "1"
     sys.exit(run_pipeline.main(["prepare-data", "--source", "synthetic", "--out", sys.argv[1],
-                                "--num-samples", "4000", "--num-test-samples", "1000",
+                                "--num-samples", "64" if smoke else "4000",
+                                "--num-test-samples", "32" if smoke else "1000",
                                 "--image-size", "32"]))
