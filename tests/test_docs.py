@@ -69,3 +69,25 @@ def test_every_subcommand_the_readme_names_exists():
     names = set(build_parser()._subparsers._group_actions[0].choices)
     used = set(re.findall(r"^attmask ([a-z-]+)", (ROOT / "README.md").read_text(), flags=re.M))
     assert used and used <= names, used - names
+
+
+def test_the_documentation_site_builds_with_no_broken_link(tmp_path):
+    """MkDocs in strict mode over the staged pages (``python .ci/docs_site.py``): a link or an
+    #anchor that MkDocs cannot resolve fails the build, and a planted one is caught."""
+    pytest.importorskip("mkdocs")
+    sys.path.insert(0, str(ROOT / ".ci"))
+    from docs_site import build  # .ci/docs_site.py
+
+    build(tmp_path / "site")
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "docs" / "usage" / "index.html").is_file()
+
+    from mkdocs.exceptions import Abort
+
+    broken = tmp_path / "broken"
+    for name in ("README.md", "CHANGELOG.md", "LICENSE"):
+        (broken / name).parent.mkdir(parents=True, exist_ok=True)
+        (broken / name).write_text((ROOT / name).read_text())
+    (broken / "README.md").write_text("# attmask\n\n[gone](docs/gone.md)\n")
+    with pytest.raises(Abort):
+        build(tmp_path / "broken-site", root=broken)
