@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -107,8 +107,8 @@ class Engine:
             # depth), which would make every block a recompile.
             for net in (self.student, self.teacher):
                 for block in net.backbone.blocks:
-                    block.attn.compile()
-                    block.mlp.compile()
+                    cast(nn.Module, block.attn).compile()
+                    cast(nn.Module, block.mlp).compile()
         self.student_forward = wrap_student(self.student) if wrap_student else self.student
 
         self.masker = make_masker(cfg.masking.strategy, **cfg.masking.masker_kwargs())
@@ -119,13 +119,15 @@ class Engine:
             lambda1=lc.lambda1, lambda2=lc.lambda2, patch_loss=self.patch_loss,
             centering=lc.centering).to(self.device)
 
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.student.named_parameters():
             if p.requires_grad:
                 (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay,
-                                            "weight_decay": 0.0}],
+        groups: list[dict[str, Any]] = [{"params": decay},
+                                        {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups,
                                            lr=0.0, fused=fused, foreach=None if fused else True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
@@ -143,8 +145,8 @@ class Engine:
 
         self.rank = rank
         self.generator = torch.Generator(self.device)
-        self._teacher_params = list(self.teacher.parameters())
-        self._student_params = list(self.student.parameters())
+        self._teacher_params: list[torch.Tensor] = list(self.teacher.parameters())
+        self._student_params: list[torch.Tensor] = list(self.student.parameters())
         self._last_layer = [p for n, p in self.student.named_parameters() if "last_layer" in n]
         self.step = 0
         # Training wall time over all sessions of the run (the loop advances it; monitors
@@ -309,7 +311,7 @@ class Engine:
 
 
 @torch.no_grad()
-def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
+def clip_per_tensor_(params: list[torch.Tensor], max_norm: float) -> None:
     """Scale each gradient tensor to at most ``max_norm`` (DINO/iBOT semantics), no host sync."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

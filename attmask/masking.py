@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 Grid = tuple[int, int]
-_REGISTRY: dict[str, Callable[..., "Masker"]] = {}
+_REGISTRY: dict[str, type["Masker"]] = {}
 
 
-def register(name: str) -> Callable:
+M = TypeVar("M", bound=type["Masker"])
+
+
+def register(name: str) -> Callable[[M], M]:
     """Class decorator: make a :class:`Masker` subclass buildable by ``name``."""
-    def wrap(cls: Callable) -> Callable:
+    def wrap(cls: M) -> M:
         if name in _REGISTRY:
             raise ValueError(f"masking strategy {name!r} is registered already "
                              f"({_REGISTRY[name].__name__})")
@@ -58,7 +61,8 @@ def parameters(name: str, own: bool = False) -> dict[str, Any]:
         if own and cls is Masker:
             break
         if "__init__" in vars(cls):
-            found |= {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            init = vars(cls)["__init__"]
+            found |= {p.name: p.default for p in inspect.signature(init).parameters.values()
                       if p.kind is p.KEYWORD_ONLY and p.name not in found}
     return found
 
@@ -83,7 +87,7 @@ class Masker:
 
     def __init__(self, *, ratio: tuple[float, float] = (0.1, 0.5), prob: float = 0.5,
                  ratio_per: str = "image", batch_size: Optional[int] = None) -> None:
-        ratio = tuple(float(r) for r in ratio)
+        ratio = tuple(float(r) for r in ratio)  # type: ignore[assignment]  # checked next
         if len(ratio) != 2 or not 0.0 <= ratio[0] <= ratio[1] <= 1.0:
             raise ValueError(f"ratio={ratio}: must be (low, high) with 0 <= low <= high <= 1")
         if not 0.0 <= prob <= 1.0:
@@ -107,9 +111,10 @@ class Masker:
         else:
             if self.needs_scores:
                 raise ValueError(f"{type(self).__name__} needs attention scores, got None")
-            batch = batch_size or self.batch_size
-            if batch is None:
+            given = batch_size or self.batch_size
+            if given is None:
                 raise ValueError("scores=None: pass batch_size= to the masker or make_masker")
+            batch = given
             device = device or (generator.device if generator is not None else torch.device("cpu"))
         n = self._draw_counts(batch, num_patches, device, generator)
         keep = _rand(batch, device=device, generator=generator) < self.prob

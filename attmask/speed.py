@@ -219,7 +219,7 @@ def bench_data(data_path: str, settings: dict[str, dict], workers: int, batches:
     from attmask.data.transforms import MultiCropTransform
 
     dataset = load_dataset(data_path)
-    out = {"data": data_path, "workers": workers, "batch_size": batch_size, "settings": {}}
+    out: dict = {"data": data_path, "workers": workers, "batch_size": batch_size, "settings": {}}
     for name, s in settings.items():
         transform = MultiCropTransform(s["global_size"], s["local_size"],
                                        local_number=s["local_number"],

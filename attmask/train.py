@@ -93,6 +93,7 @@ def run_loop(engine: Engine, dataset: Dataset, cfg: Config, hooks: Hooks, *, ran
     floats, knn = {}, {}
     small = 0  # images smaller than the global crop, upsampled (counted per read)
     def measure() -> dict:
+        assert monitor is not None  # measured on rank 0 only
         scores = monitor(engine.teacher.backbone, engine.device)
         if cfg.train.knn_student:
             scores.update(monitor(engine.student.backbone, engine.device, prefix="student_"))

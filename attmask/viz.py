@@ -30,6 +30,7 @@ def attention_and_masks(backbone: MaskedViT, images: torch.Tensor, patch_size: i
     grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
     attn = backbone.forward_tokens(images.to(device), attn_layer=layer,
                                    head_reduce=head_reduce).attention
+    assert attn is not None  # asked for with attn_layer
     masks = {}
     for name in strategies:
         generator = torch.Generator(device).manual_seed(seed)

@@ -297,8 +297,9 @@ class EvalStream(IterableDataset):
                 out = {"image": torch.stack([self.transform(b.image) for b in batch]),
                        "label": torch.tensor([b.label for b in batch]),
                        "key": [b.key for b in batch]}
-                if all(b.fg is not None for b in batch):
-                    out["fg"] = torch.stack([self.transform.mask(b.fg) for b in batch])
+                masks = [self.transform.mask(b.fg) for b in batch if b.fg is not None]
+                if len(masks) == len(batch):
+                    out["fg"] = torch.stack(masks)
                 yield out
                 batch = []
 

@@ -35,6 +35,7 @@ def attention_on_object(backbone: MaskedViT, batches: Iterable[dict], patch_size
         images = batch["image"].to(device)
         grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
         attn = backbone.forward_tokens(images, attn_layer=layer, head_reduce=head_reduce).attention
+        assert attn is not None  # asked for with attn_layer
         fg = patch_foreground(batch["fg"], patch_size).to(device)
         k = max(1, math.floor(fg.shape[1] * top_fraction))
         top = torch.zeros_like(fg).scatter_(1, attn.topk(k, dim=1).indices, True)

@@ -46,7 +46,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
     [0, 1]; ``n`` lets a reader judge a difference against the test set's sampling error. With
     ``test_keys`` the ``k20`` entry also keeps which test images it got right
     (:func:`attmask.eval.results.encode_hits`), for comparing two models image by image."""
-    out = {}
+    out: dict[str, dict] = {}
     for k in ks:
         scores = knn_classify(train_features, train_labels, test_features, num_classes, k,
                               temperature, chunk)

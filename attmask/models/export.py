@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import yaml
 from timm.models.vision_transformer import VisionTransformer
@@ -70,7 +70,8 @@ def build_timm_backbone(cfg: ModelConfig) -> VisionTransformer:
     import timm
 
     name, kwargs = timm_architecture(cfg)
-    return with_stem(timm.create_model(name, pretrained=False, **kwargs), cfg)
+    model = cast(VisionTransformer, timm.create_model(name, pretrained=False, **kwargs))
+    return with_stem(model, cfg)
 
 
 def resolve_reference(ref: str | Path, tracking_uri: Optional[str] = None,
@@ -157,7 +158,8 @@ def load_teacher(checkpoint: str | Path, config: Optional[Config] = None
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file
             raise UserError(f"checkpoint {path} is not a readable .safetensors file "
                             f"({str(exc).splitlines()[0][:160]})") from exc
-        cfg = config if written is None else _with_local_sections(written, config)
+        cfg = _with_local_sections(written, config) if written is not None else config
+        assert cfg is not None  # one of the two, checked above
     else:
         full = load_checkpoint(path)
         if "teacher" not in full or "config" not in full:

@@ -7,10 +7,11 @@ The blocks, patch embedding and position embeddings are timm's own (state-dict k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TypeVar, cast
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +22,7 @@ from attmask.config import ModelConfig
 # reader which family the weights belong to.
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
+V = TypeVar("V", bound=VisionTransformer)
 # A backbone without a classifier whose position embeddings follow the input size (local crops).
 HEADLESS = {"num_classes": 0, "dynamic_img_size": True}
 
@@ -60,9 +62,10 @@ class MaskedViT(VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
         target = None if attn_layer is None else attn_layer % len(self.blocks)
         attention = None
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(cast(list[Block], self.blocks)):
             if i == target:
-                attention = cls_attention(block.attn, block.norm1(x), self.num_prefix_tokens,
+                attention = cls_attention(cast(Attention, block.attn), block.norm1(x),
+                                          self.num_prefix_tokens,
                                           head_reduce)
             if i < self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # keeps the drop-path draws
@@ -94,7 +97,7 @@ class MaskedViT(VisionTransformer):
         return {k: v for k, v in self.state_dict().items() if k != "mask_token"}
 
 
-def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int = 1,
+def cls_attention(attn: Attention, x: torch.Tensor, num_prefix: int = 1,
                   head_reduce: str = "mean") -> torch.Tensor:
     """softmax(q_cls K^T / sqrt(d)) of one timm ``Attention`` module, CLS column dropped.
 
@@ -107,8 +110,9 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int = 1,
     heads, head_dim = attn.num_heads, attn.head_dim
     inner = heads * head_dim
     x = x.float()
-    weight, bias = attn.qkv.weight.float(), attn.qkv.bias
-    bias = bias.float() if bias is not None else torch.zeros(3 * inner, device=x.device)
+    qkv = cast(nn.Linear, attn.qkv)
+    weight = qkv.weight.float()
+    bias = qkv.bias.float() if qkv.bias is not None else torch.zeros(3 * inner, device=x.device)
     q = x[:, 0] @ weight[:inner].T + bias[:inner]  # (B, inner)
     q = attn.q_norm(q.view(B, heads, head_dim)) * attn.scale
     if isinstance(attn.k_norm, nn.Identity):
@@ -149,7 +153,7 @@ def timm_architecture(cfg: ModelConfig) -> tuple[str, dict]:
                                   "qkv_bias": True, **HEADLESS}
 
 
-def with_stem(model: VisionTransformer, cfg: ModelConfig) -> VisionTransformer:
+def with_stem(model: V, cfg: ModelConfig) -> V:
     """``model`` with the patch stem ``cfg.stem`` names (timm builds the linear one)."""
     if cfg.stem == "hmlp":
         model.patch_embed.proj = hmlp_stem(cfg.patch_size, model.embed_dim)
