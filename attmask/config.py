@@ -360,6 +360,7 @@ class Config:
         if self.masking.strategy != "attmask_hint":
             return
         hint = masking.make_masker("attmask_hint", **self.masking.masker_kwargs())
+        assert isinstance(hint, masking.AttMaskHint)
         side = self.model.image_size // self.model.patch_size
         if hint.most_hints(side * side) > 0:
             return
@@ -497,7 +498,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -13,7 +13,7 @@ then spread evenly over the prototypes from the first step. ``patch_loss=False``
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,9 @@ class IBOTLoss(nn.Module):
     order; ``center_patches`` (S, K'), teacher patch logits the patch centre is estimated from
     (their (1, K') mean gives the same update).
     """
+
+    center: torch.Tensor  # buffers, registered in __init__
+    patch_center: torch.Tensor
 
     def __init__(self, out_dim: int, patch_out_dim: int, *, num_global: int = 2,
                  student_temp: float = 0.1, center_momentum: float = 0.9, lambda1: float = 1.0,
@@ -73,13 +76,14 @@ class IBOTLoss(nn.Module):
         self.update_centers(teacher_cls, center_patches)
         return losses
 
-    def _cls_loss(self, student_cls, teacher_cls, temp) -> torch.Tensor:
+    def _cls_loss(self, student_cls, teacher_cls, temp) -> tuple[torch.Tensor, torch.Tensor]:
         views = len(student_cls) // (len(teacher_cls) // self.num_global)
         log_s = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).chunk(views)
         t = self._targets(teacher_cls, self.center, temp).chunk(self.num_global)
         # sum_{v != q} CE(t_q, s_v) = -t_q . (sum_v log s_v - log s_q): one pass over the views
         all_views = torch.stack(log_s).sum(0)
-        total = sum(-(t_q * (all_views - log_s[q])).sum(-1).mean() for q, t_q in enumerate(t))
+        total = cast(torch.Tensor, sum(-(t_q * (all_views - log_s[q])).sum(-1).mean()
+                                       for q, t_q in enumerate(t)))
         # Diagnostic: the teacher's entropy over log K. Near 1 the targets are uniform (DINO's
         # "uniform collapse"): the loss is about log K and carries almost no signal.
         with torch.no_grad():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from attmask.data.holdout import DEFAULT_VAL_FRACTION, Holdout
 from attmask.data.shards import existing_manifest, write_shards
@@ -76,8 +76,8 @@ class PrepareArgs:
 
 
 def build_source(a: PrepareArgs) -> SourceSpec:
-    caps = dict(num_samples=a.num_samples, num_test_samples=a.num_test_samples,
-                per_class=a.per_class, seed=a.seed)
+    caps: dict[str, Any] = dict(num_samples=a.num_samples, num_test_samples=a.num_test_samples,
+                                per_class=a.per_class, seed=a.seed)
     if a.source == "synthetic":
         try:
             return synthetic_source(a.num_samples or 10_000, a.num_test_samples,
@@ -89,6 +89,7 @@ def build_source(a: PrepareArgs) -> SourceSpec:
             raise DataError(f"synthetic source: {exc}") from exc
     if a.source == "cifar10":
         return cifar10_source(a.from_path, Path(a.out) / ".download", **caps)
+    assert a.from_path is not None  # validate(): npz and imagefolder need --from
     if a.source == "npz":
         return npz_source(a.from_path, **caps)
     return imagefolder_source(a.from_path, image_size=a.image_size, **caps)

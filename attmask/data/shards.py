@@ -112,7 +112,8 @@ def _write_all(spec: SourceSpec, out: Path, source: str, args: dict[str, Any],
         if split == "train" and holdout is not None:  # val: carved from train as it streams
             writers[VAL_SPLIT] = _SplitWriter(out, VAL_SPLIT, size, len(spec.classes))
         for sample in samples:
-            held = VAL_SPLIT in writers and holdout.take(sample.key, sample.label)
+            held = holdout is not None and VAL_SPLIT in writers and holdout.take(sample.key,
+                                                                                 sample.label)
             writers[VAL_SPLIT if held else split].write(sample)
         for name, writer in writers.items():
             writer.close()
@@ -150,7 +151,7 @@ class _SplitWriter:
         self.out, self.split, self.shard_size, self.num_classes = out, split, shard_size, num_classes
         self.shards: list[dict] = []
         self.total, self.current, self.has_fg = 0, 0, False
-        self.writer = None
+        self.writer: Optional[wds.TarWriter] = None
 
     def _seal(self) -> None:
         if self.writer is not None:
@@ -168,6 +169,7 @@ class _SplitWriter:
             self.writer = wds.TarWriter(str(self.out / name))
             self.shards.append({"file": name, "num_samples": 0, "sha256": None})
             self.current = 0
+        assert self.writer is not None  # opened above
         self.writer.write(encode_sample(sample))
         self.has_fg |= sample.fg is not None
         self.shards[-1]["num_samples"] += 1
@@ -183,6 +185,7 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     if sample.encoded is not None:
         record[sample.ext] = sample.encoded
     else:
+        assert sample.image is not None  # a sample holds its bytes or its pixels
         record["png"] = png_bytes(sample.image)
     if sample.fg is not None:
         record["fg.png"] = png_bytes((sample.fg.astype(np.uint8) * 255))

@@ -123,7 +123,7 @@ def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
     by_split: dict[str, list[Path]] = defaultdict(list)
     for f in files:
         by_split[re.sub(r"_\d+$", "", f.stem)].append(f)
-    image_size = None
+    image_size: Optional[int] = None
     labels: dict[str, np.ndarray] = {}
     for split, paths in by_split.items():
         parts = []
@@ -135,6 +135,7 @@ def npz_source(folder: str | Path, classes: Optional[list[str]] = None,
     label_max = max((int(v.max()) for v in labels.values() if len(v)), default=-1)
     if label_max < 0:
         raise DataError(f"--from {folder}: the .npz files hold no images")
+    assert image_size is not None  # set by the first file that holds images
     classes = classes or [str(i) for i in range(label_max + 1)]
 
     def order(split: str) -> np.ndarray:
@@ -237,13 +238,14 @@ def imagefolder_source(root: str | Path, image_size: Optional[int] = None,
             if image_size is None and ext in ("jpg", "jpeg", "png"):
                 im.verify()  # pass the file through unchanged, but only if it decodes
                 return path.read_bytes(), "jpg" if ext == "jpeg" else ext
-            im = im.convert("RGB")
+            rgb = im.convert("RGB")
             if image_size is not None:
-                scale = image_size / min(im.size)
-                im = im.resize((max(image_size, round(im.width * scale)),
-                                max(image_size, round(im.height * scale))), Image.BICUBIC)
+                scale = image_size / min(rgb.size)
+                rgb = rgb.resize((max(image_size, round(rgb.width * scale)),
+                                  max(image_size, round(rgb.height * scale))),
+                                 Image.Resampling.BICUBIC)
             buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=95)
+            rgb.save(buf, format="JPEG", quality=95)
             return buf.getvalue(), "jpg"
 
     def stream(split: str) -> Iterator[Sample]:

@@ -138,6 +138,7 @@ class ObjectsOnBackgrounds:
             a, b = FIXED_BACKGROUND
         f = rng.uniform(3, 6) * np.pi
         name = BACKGROUNDS[family]
+        t: np.ndarray  # a mask (bool) or a blend (float) per pixel
         if name == "stripes":
             t = np.sin(f * (x if rng.random() < 0.5 else y)) > 0
         elif name == "diagonal":

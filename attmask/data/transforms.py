@@ -15,7 +15,7 @@ parameters; :mod:`attmask.data.colour` applies them to the whole batch in the tr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, cast
 
 import torch
 from torchvision.transforms import v2
@@ -74,7 +74,7 @@ class MultiCropTransform:
         self.loader_workers = loader_workers  # processes that hold CPU cores while finish runs
         if colour_on == "batch":
             recipe = lambda size, blur_p, solarize_p=0.0: ColourRecipe(  # noqa: E731
-                tuple(color_jitter), color_jitter_prob, grayscale_prob, blur_p,
+                cast(tuple[float, float, float, float], tuple(color_jitter)), color_jitter_prob, grayscale_prob, blur_p,
                 _sigma_range(size, blur_sigma), solarize_p)
             self.draw_colour = ColourDraw([recipe(global_size, 1.0), recipe(global_size, 0.1, 0.2),
                                            *[recipe(local_size, 0.5)] * local_number])
@@ -182,7 +182,9 @@ class EvalTransform:
 def pretraining_transform(cfg: Config) -> MultiCropTransform:
     """The multi-crop transform ``cfg`` describes."""
     m, d = cfg.model, cfg.data
-    return MultiCropTransform(m.image_size, m.local_image_size, d.global_crops_scale,
-                              d.local_crops_scale, d.local_crops_number, d.blur_sigma,
-                              d.color_jitter, d.color_jitter_prob, d.grayscale_prob,
+    return MultiCropTransform(m.image_size, m.local_image_size,
+                              cast(tuple[float, float], tuple(d.global_crops_scale)),
+                              cast(tuple[float, float], tuple(d.local_crops_scale)),
+                              d.local_crops_number, d.blur_sigma,
+                              tuple(d.color_jitter), d.color_jitter_prob, d.grayscale_prob,
                               d.colour_on, d.num_workers)

@@ -37,7 +37,7 @@ def init_backbone(cfg: Config) -> MaskedViT:
     return initial_networks(cfg)[1].backbone.eval()
 
 
-def baseline_model(kind: str, cfg: Config) -> nn.Module:
+def baseline_model(kind: str, cfg: Config) -> MaskedViT | PixelFeatures:
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r}; available: {', '.join(BASELINES)}")
     return PixelFeatures() if kind == "pixels" else init_backbone(cfg)

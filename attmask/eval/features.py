@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from attmask.errors import UserError, check_output_file
 from attmask.models.export import load_teacher, resolve_reference
 from attmask.models.vit import MaskedViT
 
+if TYPE_CHECKING:
+    from attmask.eval.baselines import PixelFeatures
+
 
 @dataclass
 class Features:
@@ -26,7 +29,8 @@ class Features:
 
 
 @torch.no_grad()
-def extract_features(backbone: MaskedViT, batches: Iterable[dict], *, n_last_blocks: int = 1,
+def extract_features(backbone: MaskedViT | PixelFeatures, batches: Iterable[dict], *,
+                     n_last_blocks: int = 1,
                      device: Optional[torch.device] = None,
                      autocast_dtype: Optional[torch.dtype] = None) -> Features:
     """[CLS] features of every image in ``batches`` (EvalStream layout)."""

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from attmask.models.vit import MaskedViT
 
 
 @dataclass
@@ -102,7 +106,7 @@ def train_probe_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes:
     x = (x_all - mean) / std
     x_train, y_train = x[train_idx], labels[train_idx]
     x_val, y_val = x[val_idx], labels[val_idx]
-    best = None
+    best: Optional[tuple[float, float, torch.Tensor, torch.Tensor, int]] = None
     for l2 in l2_grid:
         weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
@@ -123,6 +127,7 @@ def train_probe_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes:
                    if len(val_idx) else 0.0)
         if best is None or val > best[0]:
             best = (val, l2, weight.detach(), bias.detach(), iterations)
+    assert best is not None  # one entry per l2 value, and there is at least one
     val, l2, weight, bias, iterations = best
     model = nn.Linear(features.shape[1], num_classes)
     with torch.no_grad():  # w (x - m) / s + b = (w / s) x + (b - w m / s)
@@ -135,7 +140,7 @@ def train_probe_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes:
 OFFICIAL_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # base LRs at batch 256, scaled linearly
 
 
-def train_probe_official(backbone: nn.Module, train_batches, val_features: torch.Tensor,
+def train_probe_official(backbone: MaskedViT, train_batches, val_features: torch.Tensor,
                          val_labels: torch.Tensor, num_classes: int, *, n_last_blocks: int,
                          image_size: int, epochs: int = 100,
                          lrs: tuple[float, ...] = OFFICIAL_LRS, batch_size: int = 128,

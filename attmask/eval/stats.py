@@ -45,11 +45,11 @@ class PairedDifference:
 
     @property
     def half_width(self) -> Optional[float]:
-        return None if self.low is None else (self.high - self.low) / 2
+        return None if self.low is None or self.high is None else (self.high - self.low) / 2
 
     @property
     def verdict(self) -> str:
-        if self.low is None:
+        if self.low is None or self.high is None:
             return ONE_SEED
         if self.low > 0:
             return "better"
@@ -145,7 +145,7 @@ def cochran_q(per_seed: Sequence[PairedDifference]) -> tuple[float, float]:
 
     if len(per_seed) < 2 or any(not d.se for d in per_seed):
         raise ValueError("need two or more per-seed differences with standard errors")
-    w = np.array([1 / d.se ** 2 for d in per_seed])
+    w = np.array([1 / d.se ** 2 for d in per_seed if d.se])
     x = np.array([d.mean for d in per_seed])
     q = float((w * (x - (w * x).sum() / w.sum()) ** 2).sum())
     return q, float(chi2.sf(q, len(per_seed) - 1))
@@ -205,7 +205,8 @@ def split_spread(per_seed: Sequence[PairedDifference]) -> SpreadSplit:
     if len(per_seed) < 2 or any(d.se is None for d in per_seed):
         raise ValueError("need two or more per-seed differences with standard errors")
     return SpreadSplit(statistics.stdev([d.mean for d in per_seed]),
-                       math.sqrt(statistics.fmean([d.se ** 2 for d in per_seed])))
+                       math.sqrt(statistics.fmean([d.se ** 2 for d in per_seed
+                                                   if d.se is not None])))
 
 
 def seeds_for_half_width(diffs_std: float, target: float, confidence: float = 0.95,
@@ -230,8 +231,9 @@ def seeds_for_half_width_range(diffs_std: float, n: int, target: float,
         raise ValueError(f"n={n}: a spread needs two or more seeds")
     low = diffs_std * math.sqrt((n - 1) / chi2.ppf(0.975, n - 1))
     high = diffs_std * math.sqrt((n - 1) / chi2.ppf(0.025, n - 1))
-    return tuple(seeds_for_half_width(s, target, confidence, max_seeds)
-                 for s in (diffs_std, low, high))
+    at, at_low, at_high = (seeds_for_half_width(s, target, confidence, max_seeds)
+                           for s in (diffs_std, low, high))
+    return at, at_low, at_high
 
 
 def images_for_half_width(split: SpreadSplit, seeds: int, images: int, target: float,

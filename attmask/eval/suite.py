@@ -12,11 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from attmask.config import Config
 from attmask.data.shards import Dataset, load_dataset
@@ -25,7 +24,7 @@ from attmask.data.stream import EvalStream, make_loader, stratified_keys, strati
 from attmask.data.transforms import EvalTransform
 from attmask.errors import DataError, UserError
 from attmask.eval.attention import attention_on_object
-from attmask.eval.baselines import baseline_id, baseline_model
+from attmask.eval.baselines import PixelFeatures, baseline_id, baseline_model
 from attmask.eval.features import Features, extract_features
 from attmask.eval.fewshot import fewshot_knn
 from attmask.eval.finetune import finetune
@@ -121,8 +120,8 @@ def npz_batches(path: Path, transform: EvalTransform, batch_size: int,
     ``limit``, a class-stratified subset of that many images."""
     with np.load(path, allow_pickle=False) as z:
         images, labels = z["images"], z["labels"]
-    index = stratified_subset(labels.tolist(), limit)
-    index = np.arange(len(images)) if index is None else np.asarray(index)
+    subset = stratified_subset(labels.tolist(), limit)
+    index = np.arange(len(images)) if subset is None else np.asarray(subset)
     for start in range(0, len(index), batch_size):
         rows = index[start:start + batch_size]
         chunk = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
@@ -187,7 +186,8 @@ class Evaluator:
     untrained ``init`` network of a seed, or raw ``pixels``); every part then runs the same way.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, model_id: str, data: str | Path, *,
+    def __init__(self, model: MaskedViT | PixelFeatures, cfg: Config, model_id: str,
+                 data: str | Path, *,
                  cache_dir: str | Path, options: Optional[EvalOptions] = None,
                  robustness_set: Optional[str | Path] = None,
                  device: Optional[torch.device] = None) -> None:
@@ -265,9 +265,11 @@ class Evaluator:
             cached = torch.load(path, weights_only=True)
             return Features(cached["features"], cached["labels"], cached["keys"])
         # A cap takes a class-stratified subset (fixed seed), never the first images read.
+        batches: Iterable[dict]
         if source.npz is not None:
             batches = npz_batches(source.npz, self.transform, self.options.batch_size, limit)
         else:
+            assert source.split is not None  # a source is a split or an .npz file
             stream = EvalStream(self.dataset, source.split, self.transform,
                                 self.options.batch_size,
                                 max_corrupt_fraction=self.cfg.data.max_corrupt_fraction,
@@ -302,7 +304,7 @@ class Evaluator:
         b = self.options.linear_blocks
         tr, te = self.features("train", b), self.features("test", b)
         if self.options.linear_protocol == "official" and self.backbone is not None:
-            probe = self._official_probe(b)
+            probe = self._official_probe(self.backbone, b)
         else:
             probe = self._probe(tr)
         result = {"top1": accuracy(probe.model, te.features, te.labels),
@@ -322,7 +324,7 @@ class Evaluator:
         return train_probe(train.features, train.labels, self.num_classes,
                            epochs=self.options.probe_epochs, lr=self.options.probe_lr)
 
-    def _official_probe(self, blocks: int) -> ProbeResult:
+    def _official_probe(self, backbone: MaskedViT, blocks: int) -> ProbeResult:
         if "val" not in self.dataset.splits:
             raise DataError(f"{self.dataset.root}: --linear-protocol official chooses its LR on "
                             "the val split, which this dataset lacks (prepare-data holds one "
@@ -336,7 +338,7 @@ class Evaluator:
                                 keys=keys)
             return make_loader(stream, 0)
 
-        return train_probe_official(self.backbone, train_batches, val.features, val.labels,
+        return train_probe_official(backbone, train_batches, val.features, val.labels,
                                     self.num_classes,
                                     n_last_blocks=min(blocks, self.model.max_blocks),
                                     image_size=self.cfg.model.image_size,
