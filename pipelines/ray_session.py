@@ -8,6 +8,10 @@ from typing import Iterator, Optional
 # Train V2 polls worker reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), which
 # makes every report a 2 s barrier; Train's print patch duplicates worker prints.
 DEFAULT_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Train's preemption watcher follows node drains (spot instances) and costs an actor per run;
+# a local instance has no node to drain, and the watcher's start printed an error-level line
+# from Ray's core on every run (ray-project/ray#53727). Kept on clusters.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @contextlib.contextmanager
@@ -28,6 +32,8 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None) -
         yield
         return
     if address is None:  # local workers inherit this process's environment
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
         cpus = max(num_cpus or 0, 2 * (os.cpu_count() or 1))
         # The dashboard serves the State API, which Train's placement-group cleaner needs to free
         # the workers of a run whose controller died (e.g. a trial stopped by Tune).

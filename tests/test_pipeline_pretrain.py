@@ -200,6 +200,10 @@ def test_basic_auth_server_takes_a_run_with_credentials_and_refuses_one_without(
     done = subprocess.run(argv, env=env | creds, capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The console carries no error-level line from Ray's core ("[... E pid tid] file.cc:N:")
+    ray_errors = re.findall(r"^.*\d E \d+ \d+\] \w+\.cc:\d+.*$", done.stdout + done.stderr,
+                            re.M)
+    assert not ray_errors, ray_errors
     os.environ.update(creds)  # the test's own client reads them as MLflow's client does
     try:
         client = MlflowClient(tracking_uri=url)
